@@ -1,0 +1,105 @@
+"""The store: engine, sessions and migrations.
+
+Any command calls :func:`open_store` first; it creates the data directory and brings the schema
+to the newest migration, so a fresh data directory (or a fresh PostgreSQL database) is ready on
+first use and an old one is upgraded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, create_engine
+
+from corelab.settings import Settings, load_settings
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL + busy_timeout: several processes (receiver, flows, CLI) write at once without
+    # "database is locked"; foreign keys are off by default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(database_url: str) -> Engine:
+    """Create an engine for ``database_url`` with the per-backend settings corelab relies on."""
+    if database_url.startswith("sqlite"):
+        engine = create_engine(database_url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(database_url, pool_pre_ping=True)
+    return engine
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    """The process-wide engine for the settings' database (one per URL)."""
+    settings = settings or load_settings()
+    with _lock:
+        engine = _engines.get(settings.database_url)
+        if engine is None:
+            engine = _engines[settings.database_url] = make_engine(settings.database_url)
+    return engine
+
+
+def alembic_config(database_url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # '%' is ConfigParser interpolation syntax; URL-encoded passwords contain it.
+    cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the schema of ``engine``'s database to ``revision`` through Alembic."""
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def open_store(settings: Settings | None = None) -> Engine:
+    """Create the data directory and migrate its database to head; return the engine."""
+    settings = settings or load_settings()
+    settings.ensure_dirs()
+    engine = get_engine(settings)
+    if current_revision(engine) != head_revision():
+        migrate(engine)
+    return engine
+
+
+@contextlib.contextmanager
+def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    with Session(open_store(settings), expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise

@@ -1,0 +1,201 @@
+"""Settings: one place, one prefix.
+
+Precedence, lowest first: the defaults below, then a TOML settings file, then environment
+variables named ``CORELAB_<FIELD>`` (upper case). The settings file is ``$CORELAB_SETTINGS_FILE``
+if set, else ``<data_dir>/corelab.toml`` if it exists. Every path lives under the data directory
+unless it is set explicitly, so one directory holds a whole core lab.
+
+Each run may save the settings it used (:meth:`Settings.to_file`), so a result can be traced to
+the configuration that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "CORELAB_"
+
+
+class SettingsError(ValueError):
+    """A setting is malformed; the message names the setting, its source and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed settings of a corelab installation.
+
+    Attributes
+    ----------
+    data_dir : Path
+        Holds the database, spool, quarantine, reports and site outboxes.
+        ``CORELAB_DATA_DIR``, default ``./corelab-data``.
+    database_url : str
+        SQLAlchemy URL. Default ``sqlite:///<data_dir>/corelab.db``; a PostgreSQL URL
+        (``postgresql+psycopg://user:pw@host/db``) switches the store to PostgreSQL.
+    ae_title : str
+        The DICOM receiver's own AE title.
+    dicom_port : int
+        TCP port of the DICOM receiver.
+    series_stable_s : float
+        Seconds without a new instance after which a received series counts as complete.
+    prefect_startup_timeout_s : int
+        Start-up time-out of Prefect's ephemeral server; its default of 20 s is too short on
+        a 2-core machine with a fresh Prefect home.
+    task_workers : int
+        Upper bound on concurrently running Prefect tasks in one flow run.
+    """
+
+    data_dir: Path = Path("corelab-data")
+    database_url: str = ""
+    ae_title: str = "CORELAB"
+    dicom_port: int = 11112
+    series_stable_s: float = 60.0
+    prefect_startup_timeout_s: int = 90
+    task_workers: int = 2
+    source: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # The data directory's layout: derived, never configured separately, so it cannot drift.
+    @property
+    def database_path(self) -> Path | None:
+        prefix = "sqlite:///"
+        return Path(self.database_url[len(prefix):]) if self.database_url.startswith(prefix) else None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where generated or dropped files wait before ingest (the demo writes its trial here)."""
+        return self.data_dir / "incoming"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"
+
+    def site_outbox(self, site_code: str) -> Path:
+        return self.outbox_dir / site_code
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.spool_dir, self.quarantine_dir, self.reports_dir,
+                     self.outbox_dir, self.exports_dir, self.incoming_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def as_dict(self) -> dict:
+        """Settings as plain values; the database password is masked."""
+        out = {}
+        for f in fields(self):
+            if f.name == "source":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        out["database_url"] = _mask_password(self.database_url)
+        return out
+
+    def to_file(self, path: Path) -> Path:
+        """Write the settings in force (password masked) as TOML, for provenance."""
+        lines = [f"# corelab settings in force; sources: {self.source}"]
+        for key, value in self.as_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+def _mask_password(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            creds = creds.split(":", 1)[0] + ":***"
+        return f"{scheme}://{creds}@{host}"
+    return url
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _coerce(name: str, raw, kind, origin: str):
+    try:
+        if kind is Path or kind == "Path":
+            return Path(raw).expanduser()
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(
+            f"setting {name!r} from {origin} is {raw!r}, which is not a valid {kind}: fix or unset it"
+        ) from exc
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from defaults, the settings file and the environment.
+
+    Parameters
+    ----------
+    environ : dict, optional
+        The environment to read (default ``os.environ``); tests pass their own.
+    """
+    env = dict(os.environ if environ is None else environ)
+    kinds = {f.name: f.type for f in fields(Settings) if f.name != "source"}
+    values: dict = {}
+    source: dict = {}
+
+    data_dir_raw = env.get(f"{ENV_PREFIX}DATA_DIR")
+    data_dir = Path(data_dir_raw).expanduser() if data_dir_raw else Settings.data_dir
+    file_raw = env.get(f"{ENV_PREFIX}SETTINGS_FILE")
+    settings_file = Path(file_raw).expanduser() if file_raw else data_dir / "corelab.toml"
+    if file_raw and not settings_file.is_file():
+        raise SettingsError(
+            f"CORELAB_SETTINGS_FILE names {settings_file}, which does not exist: create it or unset it"
+        )
+    if settings_file.is_file():
+        try:
+            from_file = tomllib.loads(settings_file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"settings file {settings_file} is not valid TOML: {exc}") from exc
+        for key, raw in from_file.items():
+            if key not in kinds:
+                raise SettingsError(
+                    f"settings file {settings_file} has unknown setting {key!r}; known: {sorted(kinds)}"
+                )
+            values[key] = _coerce(key, raw, kinds[key], str(settings_file))
+            source[key] = str(settings_file)
+
+    for key, kind in kinds.items():
+        raw = env.get(ENV_PREFIX + key.upper())
+        if raw is not None and raw != "":
+            values[key] = _coerce(key, raw, kind, ENV_PREFIX + key.upper())
+            source[key] = "env"
+
+    settings = Settings(**values, source=source)
+    if not settings.database_url:
+        db_path = (settings.data_dir / "corelab.db").absolute()
+        settings = dataclasses.replace(settings, database_url=f"sqlite:///{db_path}")
+    return settings
