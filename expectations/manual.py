@@ -1,0 +1,164 @@
+"""Imaging manuals as data, compiled into Great Expectations suites.
+
+A manual (``expectations/manuals/<TRIAL>.yaml``) lists rules; each rule checks one column of the
+header table (one row per series). :func:`compile_suite` turns the manual into a GX 1.x
+``ExpectationSuite`` whose expectations carry the rule in ``meta``; :func:`validate` runs the
+suite over many series at once (one GX run per batch, not per series) and returns one
+:class:`Finding` per failing series and rule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+MANUALS_DIR = Path(__file__).with_name("manuals")
+SUITES_DIR = Path(__file__).with_name("suites")
+Check = Literal["in_set", "between", "not_null"]
+CHECKS: dict[str, str] = {
+    "in_set": "ExpectColumnValuesToBeInSet",
+    "between": "ExpectColumnValuesToBeBetween",
+    "not_null": "ExpectColumnValuesToNotBeNull",
+}
+KEY_COLUMN = "series_uid"
+
+
+class ManualError(ValueError):
+    """A manual file is malformed; the message names the file, the rule and the fix."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    section: str
+    severity: str
+    column: str
+    check: str
+    message: str
+    params: dict = field(default_factory=dict)
+
+    def expected(self) -> str:
+        if self.check == "between":
+            return f"{self.params.get('min_value')} to {self.params.get('max_value')}"
+        if self.check == "in_set":
+            return "one of " + ", ".join(str(v) for v in self.params.get("value_set", []))
+        return "present"
+
+
+@dataclass(frozen=True)
+class Manual:
+    trial: str
+    version: str
+    title: str
+    standard: str
+    pseudonym_pattern: str
+    rules: tuple[Rule, ...]
+    path: Path
+
+    @property
+    def columns(self) -> set[str]:
+        return {r.column for r in self.rules}
+
+
+@dataclass(frozen=True)
+class Finding:
+    series_uid: str
+    rule: Rule
+    observed: object
+
+
+def load_manual(path_or_trial: str | Path) -> Manual:
+    """Load a manual by path, or by trial code from ``expectations/manuals``."""
+    path = Path(path_or_trial)
+    if not path.suffix:
+        path = MANUALS_DIR / f"{path_or_trial}.yaml"
+    if not path.is_file():
+        raise ManualError(f"imaging manual {path} not found; known: {sorted(p.stem for p in MANUALS_DIR.glob('*.yaml'))}")
+    doc = yaml.safe_load(path.read_text())
+    rules = []
+    for i, raw in enumerate(doc.get("rules", [])):
+        missing = [k for k in ("id", "section", "severity", "column", "check", "message") if k not in raw]
+        if missing:
+            raise ManualError(f"{path}: rule #{i + 1} ({raw.get('id', '?')}) lacks {', '.join(missing)}")
+        if raw["check"] not in CHECKS:
+            raise ManualError(f"{path}: rule {raw['id']} has check {raw['check']!r}; use one of {sorted(CHECKS)}")
+        if raw["severity"] not in ("major", "minor"):
+            raise ManualError(f"{path}: rule {raw['id']} has severity {raw['severity']!r}; use major or minor")
+        rules.append(Rule(raw["id"], str(raw["section"]), raw["severity"], raw["column"], raw["check"],
+                          raw["message"].strip(), dict(raw.get("params") or {})))
+    ids = [r.id for r in rules]
+    if len(ids) != len(set(ids)):
+        raise ManualError(f"{path}: rule ids must be unique")
+    return Manual(trial=doc["trial"], version=str(doc["version"]), title=doc.get("title", ""),
+                  standard=doc.get("standard", "EARL1"), pseudonym_pattern=doc.get("pseudonym_pattern", ""),
+                  rules=tuple(rules), path=path)
+
+
+def suite_name(manual: Manual) -> str:
+    return f"{manual.trial}-v{manual.version}"
+
+
+def compile_suite(manual: Manual):
+    """The manual as a GX ``ExpectationSuite`` (each expectation's ``meta`` holds its rule)."""
+    import great_expectations as gx
+
+    expectations = [
+        getattr(gx.expectations, CHECKS[rule.check])(
+            column=rule.column, **rule.params,
+            meta={"rule_id": rule.id, "section": rule.section, "severity": rule.severity},
+        )
+        for rule in manual.rules
+    ]
+    # Passing the expectations at construction needs no data context (add_expectation does).
+    return gx.ExpectationSuite(name=suite_name(manual), expectations=expectations,
+                               meta={"manual": manual.path.name, "manual_version": manual.version})
+
+
+def write_suite(manual: Manual, directory: Path = SUITES_DIR) -> Path:
+    """Store the compiled suite as JSON beside the manuals, so it is versioned with them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = compile_suite(manual).to_json_dict()
+    doc.pop("id", None)
+    for exp in doc["expectations"]:
+        exp.pop("id", None)  # random per compile; dropping it keeps the stored file stable
+    path = directory / f"{suite_name(manual)}.json"
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def validate(manual: Manual, table) -> list[Finding]:
+    """Validate a header table (pandas DataFrame, one row per series) in one GX run.
+
+    Columns the manual names but the table lacks are added as nulls, so a missing value is a
+    finding of a not-null rule rather than an error.
+    """
+    import great_expectations as gx
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    df = table.copy()
+    for column in manual.columns - set(df.columns):
+        df[column] = None
+    df = df.astype(object).where(df.notna(), None)
+    context = gx.get_context(mode="ephemeral")
+    batch = (context.data_sources.add_pandas("headers").add_dataframe_asset("series")
+             .add_batch_definition_whole_dataframe("batch"))
+    suite = context.suites.add(compile_suite(manual))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
+    result = definition.run(batch_parameters={"dataframe": df},
+                            result_format={"result_format": "COMPLETE",
+                                           "unexpected_index_column_names": [KEY_COLUMN]})
+    rules = {r.id: r for r in manual.rules}
+    findings = []
+    for item in result.results:
+        doc = item.to_json_dict()
+        if doc["success"]:
+            continue
+        rule = rules[doc["expectation_config"]["meta"]["rule_id"]]
+        for row in doc["result"].get("unexpected_index_list") or []:
+            findings.append(Finding(series_uid=row[KEY_COLUMN], rule=rule, observed=row.get(rule.column)))
+    return findings

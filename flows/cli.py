@@ -1,0 +1,323 @@
+"""The ``corelab`` command line: one entry point, a subcommand per job.
+
+Every command opens the store first (creating and migrating the data directory on first use).
+Commands that a machine may read take ``--json``. Commands that run a pipeline start its Prefect
+flow; the others call the packages directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _print(args, data, table_rows=None, columns=None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+        return
+    if table_rows is None:
+        for key, value in (data.items() if isinstance(data, dict) else enumerate(data)):
+            print(f"{key}: {value}")
+        return
+    if not table_rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in table_rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in table_rows:
+        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def _settings():
+    from corelab.settings import load_settings
+
+    return load_settings()
+
+
+def prepare_prefect_env(settings) -> None:
+    """Point Prefect at the data directory unless the user configured Prefect themselves.
+
+    Must run before ``import prefect``: Prefect reads its settings at import.
+    """
+    if "PREFECT_API_URL" not in os.environ:
+        os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.absolute()))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+                          str(settings.prefect_startup_timeout_s))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def cmd_settings(args) -> int:
+    settings = _settings()
+    from corelab.db import current_revision, open_store
+
+    data = settings.as_dict()
+    data["schema_revision"] = current_revision(open_store(settings))
+    _print(args, data)
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from phantoms.trial import TrialSpec, generate_trial
+
+    spec = TrialSpec.from_file(args.spec) if args.spec else TrialSpec.demo()
+    truth = generate_trial(Path(args.outdir), spec, seed=args.seed)
+    data = truth.summary() if hasattr(truth, "summary") else {"outdir": args.outdir}
+    _print(args, data)
+    return 0
+
+
+def cmd_register_load(args) -> int:
+    from corelab.db import session_scope
+    from corelab.register import load_register
+
+    with session_scope(_settings()) as session:
+        data = load_register(session, Path(args.file))
+    _print(args, data)
+    return 0
+
+
+def cmd_site_add(args) -> int:
+    from corelab.db import session_scope
+    from corelab.register import add_site
+
+    with session_scope(_settings()) as session:
+        site = add_site(session, code=args.site, ae_title=args.ae_title, host=args.host, name=args.name or "")
+        data = {"site": site.code, "ae_title": site.ae_title, "host": site.host}
+    _print(args, data)
+    return 0
+
+
+def cmd_site_list(args) -> int:
+    from sqlmodel import select
+
+    from corelab.db import session_scope
+    from corelab.models import Site
+
+    with session_scope(_settings()) as session:
+        rows = [{"site": s.code, "name": s.name, "ae_title": s.ae_title, "host": s.host or ""}
+                for s in session.exec(select(Site).order_by(Site.code))]
+    _print(args, rows, rows, ["site", "name", "ae_title", "host"])
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from corelab.db import session_scope
+    from corelab.ingest import ingest_path
+
+    settings = _settings()
+    path = Path(args.path)
+    if not path.exists():
+        print(f"corelab ingest: {path} does not exist", file=sys.stderr)
+        return 2
+    with session_scope(settings) as session:
+        summary = ingest_path(session, settings, path, site_code=args.site)
+    data = summary.as_dict()
+    if not args.json:
+        data = {k: v for k, v in data.items() if k not in ("series", "quarantine")}
+        data["series"] = len(summary.series_uids)
+    _print(args, data)
+    for item in summary.as_dict()["quarantine"] if not args.json else []:
+        print(f"  quarantined [{item['reason_code']}] {item['reason']}")
+    return 0
+
+
+def cmd_series_list(args) -> int:
+    from corelab.db import session_scope
+    from corelab.queries import series_rows
+
+    with session_scope(_settings()) as session:
+        rows = series_rows(session)
+    _print(args, rows, rows, ["series_uid", "site", "kind", "modality", "instances", "expected", "state",
+                              "qc_state"])
+    return 0
+
+
+def cmd_quarantine_list(args) -> int:
+    from corelab.db import session_scope
+    from corelab.queries import quarantine_rows
+
+    with session_scope(_settings()) as session:
+        rows = quarantine_rows(session, include_released=args.all)
+    _print(args, rows, rows, ["id", "site", "source", "reason_code", "received_at", "reason"])
+    return 0
+
+
+def cmd_quarantine_release(args) -> int:
+    from corelab.db import session_scope
+    from corelab.ingest import release_quarantined
+    from corelab.models import QuarantineItem
+
+    settings = _settings()
+    with session_scope(settings) as session:
+        item = session.get(QuarantineItem, args.id)
+        if item is None or item.released_at is not None:
+            print(f"corelab quarantine release: no open quarantine item {args.id}", file=sys.stderr)
+            return 2
+        outcome = release_quarantined(session, settings, item, site_code=args.site)
+    _print(args, {"id": args.id, "status": outcome.status, "reason": outcome.reason or ""})
+    return 0 if outcome.status != "quarantined" else 1
+
+
+def cmd_deviations(args) -> int:
+    from corelab.db import session_scope
+    from corelab.queries import deviation_rows
+
+    with session_scope(_settings()) as session:
+        rows = deviation_rows(session, trial_code=args.trial, site_code=args.site)
+    _print(args, rows, rows, ["site", "subject", "visit", "rule_id", "severity", "expected", "observed",
+                              "status"])
+    return 0
+
+
+def cmd_accreditation_list(args) -> int:
+    from corelab.db import session_scope
+    from corelab.queries import accreditation_rows
+
+    with session_scope(_settings()) as session:
+        rows = accreditation_rows(session)
+    _print(args, rows, rows, ["scanner", "site", "standard", "scope", "status", "valid_from", "valid_until"])
+    return 0
+
+
+def cmd_audit_verify(args) -> int:
+    from corelab import audit
+    from corelab.db import session_scope
+
+    with session_scope(_settings()) as session:
+        problems = audit.verify(session)
+    _print(args, {"intact": not problems, "problems": [p.__dict__ for p in problems]})
+    return 0 if not problems else 1
+
+
+def cmd_phantom_analyze(args) -> int:
+    from phantoms.fill import load_fill_sheet
+    from tasks.phantoms import analyze_series_folder
+
+    result = analyze_series_folder(Path(args.path), load_fill_sheet(Path(args.fill)), standard=args.standard)
+    _print(args, result)
+    return 0 if result.get("verdict") == "pass" else 1
+
+
+def cmd_demo(args) -> int:
+    settings = _settings()
+    prepare_prefect_env(settings)
+    from flows.demo import run_demo
+
+    summary = run_demo(settings, seed=args.seed, quiet=args.json)
+    _print(args, summary)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    parser = argparse.ArgumentParser(
+        prog="corelab", description="corelab: an imaging core lab for multi-centre PET/CT trials. "
+        "Settings come from CORELAB_* environment variables (CORELAB_DATA_DIR, default ./corelab-data).")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", parents=[common], help="generate a small synthetic trial and run it end to end")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trial (default 0)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", parents=[common], help="write a synthetic multi-site trial with ground truth")
+    p.add_argument("outdir", help="folder to write into")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--spec", help="trial spec YAML (default: the demo trial)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("settings", parents=[common], help="show the settings in force and the schema revision")
+    p.set_defaults(func=cmd_settings)
+
+    p = sub.add_parser("register", help="load a site/scanner register file")
+    rsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = rsub.add_parser("load", parents=[common], help="load trial, sites and scanners from a register YAML")
+    q.add_argument("file")
+    q.set_defaults(func=cmd_register_load)
+
+    p = sub.add_parser("site", help="the site register")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ssub.add_parser("add", parents=[common], help="register a site and the AE title it sends from")
+    q.add_argument("site", help="site code, e.g. A01")
+    q.add_argument("--ae-title", required=True, help="calling AE title of the site's sender")
+    q.add_argument("--host", help="only accept the AE title from this host")
+    q.add_argument("--name", help="site name")
+    q.set_defaults(func=cmd_site_add)
+    q = ssub.add_parser("list", parents=[common], help="list registered sites")
+    q.set_defaults(func=cmd_site_list)
+
+    p = sub.add_parser("ingest", parents=[common], help="ingest files, folders or zips dropped by a site")
+    p.add_argument("path")
+    p.add_argument("--site", required=True, help="the site that sent them")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("series", help="received series")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ssub.add_parser("list", parents=[common], help="every received series with its state and QC state")
+    q.set_defaults(func=cmd_series_list)
+
+    p = sub.add_parser("quarantine", help="objects held back, with their reasons")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ssub.add_parser("list", parents=[common], help="list quarantined objects")
+    q.add_argument("--all", action="store_true", help="include released items")
+    q.set_defaults(func=cmd_quarantine_list)
+    q = ssub.add_parser("release", parents=[common], help="check a quarantined object again and store it if it passes")
+    q.add_argument("id", type=int)
+    q.add_argument("--site", help="site to attribute it to (for objects from an unknown sender)")
+    q.set_defaults(func=cmd_quarantine_release)
+
+    p = sub.add_parser("deviations", parents=[common], help="protocol deviations found by QC")
+    p.add_argument("--trial", help="trial code")
+    p.add_argument("--site", help="site code")
+    p.set_defaults(func=cmd_deviations)
+
+    p = sub.add_parser("accreditation", help="the scanner accreditation register")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ssub.add_parser("list", parents=[common], help="accreditation per scanner and standard")
+    q.set_defaults(func=cmd_accreditation_list)
+
+    p = sub.add_parser("phantom", help="phantom analysis")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ssub.add_parser("analyze", parents=[common], help="analyse a phantom series folder with its fill sheet")
+    q.add_argument("path", help="folder of the phantom series' DICOM files")
+    q.add_argument("--fill", required=True, help="fill sheet YAML")
+    q.add_argument("--standard", default="EARL1", help="EARL1 or EARL2 (default EARL1)")
+    q.set_defaults(func=cmd_phantom_analyze)
+
+    p = sub.add_parser("audit", help="the audit log")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ssub.add_parser("verify", parents=[common], help="recompute the hash chain and report any break")
+    q.set_defaults(func=cmd_audit_verify)
+    return parser
+
+
+def _version() -> str:
+    from corelab import __version__
+
+    return f"corelab {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from corelab.db import open_store
+    from corelab.settings import SettingsError
+
+    try:
+        open_store(_settings())
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"corelab: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
