@@ -34,10 +34,11 @@ def _digest(prev_hash: str, event: AuditEvent) -> str:
 
 def append(session: Session, *, actor: str, action: str, entity: str = "", entity_id: str | int = "",
            detail: dict | None = None, attempts: int = 5) -> AuditEvent:
-    """Append one event after the newest one and commit it.
+    """Append one event after the newest one, inside the caller's transaction.
 
-    Commits on its own because the chain's tail must be read and extended in one transaction;
-    a concurrent append that took the same tail makes this insert fail, and it retries.
+    The insert runs in a savepoint: if a concurrent writer took the same tail, the unique
+    ``prev_hash`` makes the insert fail, the savepoint is rolled back, and it retries after the
+    new tail. The event lands when the caller commits, together with the change it records.
     """
     for _ in range(attempts):
         last = session.exec(select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(1)).first()
@@ -45,12 +46,12 @@ def append(session: Session, *, actor: str, action: str, entity: str = "", entit
         event = AuditEvent(at=utcnow(), actor=actor, action=action, entity=entity,
                            entity_id=str(entity_id), detail=detail or {}, prev_hash=prev_hash, hash="")
         event.hash = _digest(prev_hash, event)
-        session.add(event)
         try:
-            session.commit()
+            with session.begin_nested():
+                session.add(event)
             return event
         except IntegrityError:
-            session.rollback()
+            continue
     raise RuntimeError(f"audit log: could not append {action!r} after {attempts} attempts (contention)")
 
 

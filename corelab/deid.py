@@ -71,9 +71,12 @@ def check_deidentified(ds: Dataset, *, pseudonym_pattern: str = "") -> list[Deid
         match it (phantom scans must instead carry a phantom label). Empty: not checked.
     """
     failures: list[DeidFailure] = []
-    if str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+    phantom = is_phantom(ds)
+    # A phantom scan has no patient to de-identify; the institution and staff checks still apply.
+    if not phantom and str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
         failures.append(DeidFailure("PatientIdentityRemoved", "(0012,0062)", "must be YES on a de-identified object"))
-    if not (_present(ds, "DeidentificationMethod") or _present(ds, "DeidentificationMethodCodeSequence")):
+    if not phantom and not (_present(ds, "DeidentificationMethod")
+                            or _present(ds, "DeidentificationMethodCodeSequence")):
         failures.append(DeidFailure("DeidentificationMethod", "(0012,0063)",
                                     "missing: say which profile and options were applied"))
     for keyword in MUST_BE_EMPTY:
@@ -81,7 +84,7 @@ def check_deidentified(ds: Dataset, *, pseudonym_pattern: str = "") -> list[Deid
             failures.append(DeidFailure(keyword, _tag(keyword), "must be removed or empty (PS3.15 basic profile)"))
     if str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
         failures.append(DeidFailure("BurnedInAnnotation", "(0028,0301)", "YES: pixel data may show identifying text"))
-    if pseudonym_pattern and not is_phantom(ds):
+    if pseudonym_pattern and not phantom:
         pattern = re.compile(pseudonym_pattern)
         for keyword in ("PatientName", "PatientID"):
             if not pattern.fullmatch(str(ds.get(keyword, ""))):

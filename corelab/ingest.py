@@ -223,7 +223,8 @@ def quarantine(session: Session, settings: Settings, data: bytes, *, source: str
     rel = Path("quarantine") / utcnow().strftime("%Y-%m-%d") / f"{digest[:16]}-{_SAFE.sub('_', Path(source).name)}"
     durable_write(settings.data_dir / rel, data)
     session.add(QuarantineItem(site_id=site.id if site else None, source_name=Path(source).name, path=str(rel),
-                               sha256=digest, reason_code=code, reason=reason))
+                               series_uid=series.series_uid if series else None, sha256=digest,
+                               reason_code=code, reason=reason))
     if series is not None:
         series.state = "quarantined"
     return Outcome(source, "quarantined", series.series_uid if series else None, code, reason)

@@ -153,6 +153,8 @@ class QuarantineItem(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     site_id: int | None = Field(default=None, foreign_key="site.id", index=True)
     source_name: str = Field(description="the name the file arrived under (never a patient value)")
+    series_uid: str | None = Field(default=None, index=True, max_length=64,
+                                   description="the series it belongs to, when it could be read")
     path: str = Field(description="quarantine path, relative to the data directory")
     sha256: str = Field(max_length=64)
     reason_code: str = Field(index=True, description="not_dicom | truncated | missing_uid | unknown_sop_class | unknown_site | deid_failed | ...")

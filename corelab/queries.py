@@ -27,7 +27,7 @@ def quarantine_rows(session: Session, *, include_released: bool = False) -> list
     if not include_released:
         query = query.where(col(QuarantineItem.released_at).is_(None))
     return [{"id": q.id, "site": sites.get(q.site_id, "(unknown)"), "source": q.source_name,
-             "reason_code": q.reason_code, "reason": q.reason, "received_at": q.received_at,
+             "reason_code": q.reason_code, "reason": q.reason, "series_uid": q.series_uid, "received_at": q.received_at,
              "released_at": q.released_at, "sha256": q.sha256}
             for q in session.exec(query)]
 
@@ -61,3 +61,15 @@ def accreditation_rows(session: Session) -> list[dict]:
              "standard": a.standard, "scope": a.scope, "status": a.status, "valid_from": a.valid_from,
              "valid_until": a.valid_until, "evidence": a.evidence}
             for a, sc, site in session.exec(query)]
+
+
+def accredited_on(session: Session, scanner_id: int | None, *, standard: str, scope: str, on) -> bool:
+    """Whether the scanner holds an accreditation for ``standard`` and ``scope`` valid on date ``on``."""
+    if scanner_id is None:
+        return False
+    rows = session.exec(select(Accreditation).where(Accreditation.scanner_id == scanner_id,
+                                                    Accreditation.standard == standard,
+                                                    Accreditation.scope == scope,
+                                                    Accreditation.status == "accredited")).all()
+    return any((a.valid_from is None or a.valid_from <= on) and (a.valid_until is None or on <= a.valid_until)
+               for a in rows)

@@ -25,6 +25,8 @@ def add_site(session: Session, *, code: str, ae_title: str, host: str | None = N
         raise RegisterError(f"site {code}: AE title {ae_title!r} is not a valid DICOM AE title "
                             "(1-16 printable characters, no backslash, no leading/trailing spaces)")
     site = session.exec(select(Site).where(Site.code == code)).first()
+    if site is not None and (site.ae_title, site.host, site.name) == (ae_title, host, name or site.name):
+        return site
     if site is None:
         site = Site(code=code, ae_title=ae_title, host=host, name=name)
         session.add(site)
@@ -63,33 +65,43 @@ def add_trial(session: Session, *, code: str, title: str = "", imaging_manual: s
 
 
 def load_register(session: Session, path: Path) -> dict:
-    """Load a register YAML (trial, sites with AE titles, scanners) into the store; idempotent.
+    """Load a register YAML into the store; loading it again changes nothing.
 
-    The trial's imaging manual (``expectations/manuals/<trial>.yaml``), when it exists, supplies the
-    manual version, the accreditation standard and the pseudonym pattern.
+    Format::
+
+        trial_code: FDG-RESP-01          # optional
+        trial_name: ...
+        sites:    [{code: A01, ae_title: SITE_A01, name: ..., host: ...}]
+        scanners: [{id: A01-1, site: A01, manufacturer: SIEMENS, model: ..., serial: ...,
+                    software_versions: ...}]
+
+    The trial's imaging manual (``expectations/manuals/<trial_code>.yaml``), when it exists,
+    supplies the manual version, the accreditation standard and the pseudonym pattern.
     """
-    doc = yaml.safe_load(Path(path).read_text())
-    trial_doc = doc.get("trial") or {}
-    if isinstance(trial_doc, str):
-        trial_doc = {"code": trial_doc}
+    doc = yaml.safe_load(Path(path).read_text()) or {}
     out = {"trial": None, "sites": 0, "scanners": 0}
-    if trial_doc.get("code"):
-        from_manual = _manual_fields(trial_doc["code"])
-        fields = {**from_manual, **{k: v for k, v in trial_doc.items() if k != "code"}}
-        fields = {k: v for k, v in fields.items()
-                  if k in ("title", "imaging_manual", "manual_version", "standard", "pseudonym_pattern")}
-        out["trial"] = add_trial(session, code=trial_doc["code"], **fields).code
-    for site_doc in doc.get("sites", []):
-        try:
-            site = add_site(session, code=site_doc["code"], ae_title=site_doc["ae_title"],
-                            host=site_doc.get("host"), name=site_doc.get("name", ""), actor="register")
-        except KeyError as exc:
-            raise RegisterError(f"{path}: a site entry lacks {exc}; each site needs code and ae_title") from None
+    if doc.get("trial_code"):
+        fields = _manual_fields(doc["trial_code"])
+        fields["title"] = doc.get("trial_name") or fields.get("title", "")
+        out["trial"] = add_trial(session, code=doc["trial_code"], **fields).code
+    sites = {}
+    for i, entry in enumerate(doc.get("sites", [])):
+        missing = [k for k in ("code", "ae_title") if not entry.get(k)]
+        if missing:
+            raise RegisterError(f"{path}: site #{i + 1} lacks {', '.join(missing)}")
+        sites[entry["code"]] = add_site(session, code=entry["code"], ae_title=entry["ae_title"],
+                                        host=entry.get("host"), name=entry.get("name", ""), actor="register")
         out["sites"] += 1
-        for sc in site_doc.get("scanners", []):
-            add_scanner(session, site, code=sc["code"], manufacturer=sc["manufacturer"], model=sc["model"],
-                        serial_number=str(sc["serial_number"]), software_versions=str(sc.get("software_versions", "")))
-            out["scanners"] += 1
+    for i, entry in enumerate(doc.get("scanners", [])):
+        missing = [k for k in ("id", "site", "manufacturer", "model", "serial") if not entry.get(k)]
+        if missing:
+            raise RegisterError(f"{path}: scanner #{i + 1} lacks {', '.join(missing)}")
+        site = sites.get(entry["site"]) or session.exec(select(Site).where(Site.code == entry["site"])).first()
+        if site is None:
+            raise RegisterError(f"{path}: scanner {entry['id']} names site {entry['site']}, which is not registered")
+        add_scanner(session, site, code=entry["id"], manufacturer=entry["manufacturer"], model=entry["model"],
+                    serial_number=str(entry["serial"]), software_versions=str(entry.get("software_versions", "")))
+        out["scanners"] += 1
     return out
 
 

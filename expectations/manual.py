@@ -138,13 +138,16 @@ def validate(manual: Manual, table) -> list[Finding]:
     finding of a not-null rule rather than an error.
     """
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     df = table.copy()
     for column in manual.columns - set(df.columns):
         df[column] = None
     df = df.astype(object).where(df.notna(), None)
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep CLI output readable
     batch = (context.data_sources.add_pandas("headers").add_dataframe_asset("series")
              .add_batch_definition_whole_dataframe("batch"))
     suite = context.suites.add(compile_suite(manual))

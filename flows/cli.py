@@ -47,6 +47,9 @@ def prepare_prefect_env(settings) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
                           str(settings.prefect_startup_timeout_s))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The machine may have no route out; telemetry would only log a failure.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -195,10 +198,11 @@ def cmd_audit_verify(args) -> int:
 
 
 def cmd_phantom_analyze(args) -> int:
+    from accreditation.evaluate import evaluate_series_folder
     from phantoms.fill import load_fill_sheet
-    from tasks.phantoms import analyze_series_folder
 
-    result = analyze_series_folder(Path(args.path), load_fill_sheet(Path(args.fill)), standard=args.standard)
+    result = evaluate_series_folder(Path(args.path), load_fill_sheet(Path(args.fill)),
+                                    standard=args.standard).to_dict()
     _print(args, result)
     return 0 if result.get("verdict") == "pass" else 1
 

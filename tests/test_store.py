@@ -105,6 +105,7 @@ def test_audit_chain_detects_edit_and_delete(store_settings):
     with Session(engine) as session:
         for i in range(4):
             audit.append(session, actor="physicist", action="test", entity="series", entity_id=i, detail={"i": i})
+        session.commit()
         assert audit.verify(session) == []
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE auditevent SET actor = 'mallory' WHERE id = 2"))
@@ -124,6 +125,7 @@ def test_audit_chain_cannot_fork(store_settings):
     engine = open_store(store_settings)
     with Session(engine) as session:
         first = audit.append(session, actor="a", action="x")
+        session.commit()
         session.add(AuditEvent(actor="b", action="y", prev_hash=first.prev_hash, hash="f" * 64))
         with pytest.raises(sa.exc.IntegrityError):
             session.commit()

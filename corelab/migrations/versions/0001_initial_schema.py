@@ -67,6 +67,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('site_id', sa.Integer(), nullable=True),
     sa.Column('source_name', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+    sa.Column('series_uid', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
     sa.Column('path', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('sha256', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('reason_code', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -78,6 +79,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('quarantineitem', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_quarantineitem_reason_code'), ['reason_code'], unique=False)
+        batch_op.create_index(batch_op.f('ix_quarantineitem_series_uid'), ['series_uid'], unique=False)
         batch_op.create_index(batch_op.f('ix_quarantineitem_site_id'), ['site_id'], unique=False)
 
     op.create_table('report',
@@ -347,6 +349,7 @@ def downgrade() -> None:
     op.drop_table('report')
     with op.batch_alter_table('quarantineitem', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_quarantineitem_site_id'))
+        batch_op.drop_index(batch_op.f('ix_quarantineitem_series_uid'))
         batch_op.drop_index(batch_op.f('ix_quarantineitem_reason_code'))
 
     op.drop_table('quarantineitem')

@@ -1,0 +1,189 @@
+"""The header table: one row per PET series, from headers only (no pixel data).
+
+The columns are the schema that imaging-manual rules check and that exports carry; the README
+documents them (see ``COLUMNS``). Pure functions: headers in, a dict or DataFrame out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from corelab.suv import SuvError, header_from_dataset, suvbw_factors
+
+# name -> (type, unit, meaning). The order is the column order of exports.
+COLUMNS: dict[str, tuple[str, str, str]] = {
+    "series_uid": ("string", "", "SeriesInstanceUID"),
+    "study_uid": ("string", "", "StudyInstanceUID"),
+    "trial": ("string", "", "trial code"),
+    "site": ("string", "", "site code"),
+    "subject": ("string", "", "trial pseudonym"),
+    "visit": ("string", "", "timepoint (ClinicalTrialTimePointID)"),
+    "scanner": ("string", "", "core lab scanner code"),
+    "manufacturer": ("string", "", "Manufacturer"),
+    "model": ("string", "", "ManufacturerModelName"),
+    "serial_number": ("string", "", "DeviceSerialNumber"),
+    "software_versions": ("string", "", "SoftwareVersions"),
+    "units": ("string", "", "Units (BQML expected)"),
+    "decay_correction": ("string", "", "DecayCorrection"),
+    "corrected_attn_decy": ("bool", "", "CorrectedImage includes ATTN and DECY"),
+    "weight_kg": ("float", "kg", "PatientWeight"),
+    "activity_mbq": ("float", "MBq", "administered activity as recorded (RadionuclideTotalDose)"),
+    "activity_mbq_per_kg": ("float", "MBq/kg", "activity_mbq / weight_kg"),
+    "injection_datetime": ("string", "", "injection date-time (shifted with the study dates)"),
+    "scan_datetime": ("string", "", "scan reference date-time used for decay (shifted)"),
+    "uptake_min": ("float", "min", "injection to scan reference time"),
+    "suv_factor_g_per_bq": ("float", "g/Bq", "SUVbw factor (first slice; null when not computable)"),
+    "suv_error": ("string", "", "why SUV is not computable (code: message), else null"),
+    "reconstruction_method": ("string", "", "ReconstructionMethod"),
+    "convolution_kernel": ("string", "", "ConvolutionKernel (post-filter)"),
+    "matrix": ("string", "", "Rows x Columns"),
+    "pixel_spacing_mm": ("float", "mm", "in-plane pixel spacing (row spacing)"),
+    "slice_thickness_mm": ("float", "mm", "SliceThickness"),
+    "n_slices": ("int", "", "slices received"),
+    "expected_slices": ("int", "", "NumberOfSlices from the header"),
+    "slices_missing": ("int", "", "slices absent: by the header's count and by gaps in positions"),
+    "axial_coverage_mm": ("float", "mm", "extent of the slice centres plus one slice"),
+    "frame_duration_s": ("float", "s", "ActualFrameDuration (duration per bed)"),
+    # Added from the store and across scans (see expectations.qc):
+    "scanner_accredited": ("bool", "", "valid accreditation for the trial's standard when received"),
+    "software_matches_register": ("bool", "", "SoftwareVersions equals the registered value"),
+    "same_scanner_as_baseline": ("bool", "", "follow-ups: same scanner as the subject's baseline (null at baseline)"),
+    "uptake_diff_vs_baseline_min": ("float", "min", "follow-ups: uptake_min minus the baseline's (null at baseline)"),
+}
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _text(value: Any) -> str:
+    """A DICOM value as text; multi-valued strings joined with a backslash, as DICOM writes them."""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def slice_positions_mm(datasets: Sequence[Dataset]) -> np.ndarray:
+    """Slice positions along the slice normal (ImagePositionPatient projected on it), sorted, in mm."""
+    iop = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    return np.sort([float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient])) for ds in datasets])
+
+
+def missing_slices(positions_mm: np.ndarray, *, expected: int | None) -> int:
+    """Slices absent, by the larger of two counts: gaps between positions and the header's count.
+
+    A gap is a step larger than 1.5 times the median step.
+    """
+    n = len(positions_mm)
+    from_gaps = 0
+    if n >= 3:
+        steps = np.diff(positions_mm)
+        step = float(np.median(steps))
+        if step > 0:
+            from_gaps = int(sum(round(s / step) - 1 for s in steps if s > 1.5 * step))
+    from_count = max(0, (expected or 0) - n)
+    return max(from_gaps, from_count)
+
+
+def header_row(datasets: Sequence[Dataset]) -> dict:
+    """The header-table row of one PET series from its instances' headers."""
+    first = datasets[0]
+    row: dict[str, Any] = {
+        "series_uid": str(first.SeriesInstanceUID),
+        "study_uid": str(first.StudyInstanceUID),
+        "manufacturer": str(first.get("Manufacturer", "")),
+        "model": str(first.get("ManufacturerModelName", "")),
+        "serial_number": str(first.get("DeviceSerialNumber", "")),
+        "software_versions": _text(first.get("SoftwareVersions")),
+        "units": str(first.get("Units", "")) or None,
+        "decay_correction": str(first.get("DecayCorrection", "")) or None,
+        "corrected_attn_decy": {"ATTN", "DECY"} <= {str(v) for v in (first.get("CorrectedImage") or [])},
+        "weight_kg": _float(first.get("PatientWeight")) or None,
+        "reconstruction_method": str(first.get("ReconstructionMethod", "")),
+        "convolution_kernel": str(first.get("ConvolutionKernel", "")),
+        "matrix": f"{first.get('Rows', '')}x{first.get('Columns', '')}",
+        "pixel_spacing_mm": _float((first.get("PixelSpacing") or [None])[0]),
+        "slice_thickness_mm": _float(first.get("SliceThickness")),
+        "n_slices": len(datasets),
+        "frame_duration_s": (_float(first.get("ActualFrameDuration")) or 0) / 1000 or None,
+    }
+    expected = first.get("NumberOfSlices")
+    row["expected_slices"] = int(expected) if expected else None
+    try:
+        positions = slice_positions_mm(datasets)
+        row["slices_missing"] = missing_slices(positions, expected=row["expected_slices"])
+        step = float(np.median(np.diff(positions))) if len(positions) > 1 else (row["slice_thickness_mm"] or 0)
+        row["axial_coverage_mm"] = float(positions[-1] - positions[0] + step)
+    except (AttributeError, ValueError, TypeError):
+        row["slices_missing"], row["axial_coverage_mm"] = None, None
+
+    rph = (first.get("RadiopharmaceuticalInformationSequence") or [None])[0]
+    dose = _float(rph.get("RadionuclideTotalDose")) if rph is not None else None
+    row["activity_mbq"] = dose / 1e6 if dose else None
+    row["activity_mbq_per_kg"] = (row["activity_mbq"] / row["weight_kg"]
+                                  if row["activity_mbq"] and row["weight_kg"] else None)
+    row.update(_suv_columns(datasets))
+    return row
+
+
+def _timing(result) -> dict:
+    return {"uptake_min": result.uptake_min,
+            "injection_datetime": result.injection_datetime.isoformat() if result.injection_datetime else None,
+            "scan_datetime": result.scan_datetime.isoformat() if result.scan_datetime else None}
+
+
+def _suv_columns(datasets: Sequence[Dataset]) -> dict:
+    out = {"suv_factor_g_per_bq": None, "suv_error": None, "uptake_min": None, "injection_datetime": None,
+           "scan_datetime": None}
+    headers = [header_from_dataset(ds) for ds in datasets]
+    try:
+        result = suvbw_factors(headers)
+    except SuvError as exc:
+        out["suv_error"] = f"{exc.code}: {exc}"
+        if exc.code == "missing_weight":
+            # The uptake time does not depend on the weight: still report it for the uptake rules.
+            try:
+                out.update(_timing(suvbw_factors([{**h, "PatientWeight": 1.0} for h in headers])))
+            except SuvError:
+                pass
+        return out
+    out["suv_factor_g_per_bq"] = float(result.factors_g_per_bq[0])
+    out.update(_timing(result))
+    return out
+
+
+def add_cross_scan_columns(df, *, baseline_label: str = "baseline"):
+    """Add follow-up-versus-baseline columns to a header table (pandas DataFrame).
+
+    Rows need ``subject``, ``visit``, ``scanner`` and ``uptake_min``. A subject's baseline row is
+    the one whose visit is ``baseline_label``; follow-up rows get ``uptake_diff_vs_baseline_min``
+    and ``same_scanner_as_baseline``; baseline rows and subjects without a baseline get nulls.
+    """
+    df = df.copy()
+    baselines = df[df["visit"] == baseline_label].drop_duplicates("subject", keep="last").set_index("subject")
+    diffs, same = [], []
+    for _, row in df.iterrows():
+        if row["visit"] == baseline_label or row["subject"] not in baselines.index:
+            diffs.append(None)
+            same.append(None)
+            continue
+        base = baselines.loc[row["subject"]]
+        up, base_up = _float(row.get("uptake_min")), _float(base.get("uptake_min"))
+        diffs.append(up - base_up if up is not None and base_up is not None else None)
+        same.append(bool(row["scanner"] == base["scanner"]))
+    df["uptake_diff_vs_baseline_min"] = diffs
+    df["same_scanner_as_baseline"] = same
+    return df

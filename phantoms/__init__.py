@@ -1,0 +1,1 @@
+"""corelab phantoms."""

@@ -1,0 +1,40 @@
+"""Prefect tasks for trial-scan QC: thin wrappers over expectations.qc."""
+
+from __future__ import annotations
+
+from prefect import task
+from sqlmodel import col, select
+
+from corelab.db import session_scope
+from corelab.models import Series
+from corelab.settings import load_settings
+from expectations.manual import load_manual
+from expectations.qc import qc_series_batch, trial_pet_series
+
+
+@task(name="find-trial-series", task_run_name="find {trial_code} series")
+def find_trial_series(trial_code: str, pending_only: bool = True) -> list[int]:
+    with session_scope(load_settings()) as session:
+        series = trial_pet_series(session, trial_code)
+        return [s.id for s in series if not pending_only or s.qc_state != "done"]
+
+
+@task(name="qc-batch", task_run_name="qc {trial_code}: {n_series} series", retries=1, retry_delay_seconds=[5])
+def qc_batch(trial_code: str, series_ids: list[int], n_series: int) -> dict:
+    """Validate one batch of series in one Great Expectations run and record the deviations."""
+    manual = load_manual(trial_code)
+    settings = load_settings()
+    with session_scope(settings) as session:
+        series = list(session.exec(select(Series).where(col(Series.id).in_(series_ids)).order_by(col(Series.id))))
+        return qc_series_batch(session, settings, manual, series).as_dict()
+
+
+@task(name="mark-non-pet-done", task_run_name="mark CT series checked")
+def mark_non_pet_done() -> int:
+    """CT series of a study carry no manual rules yet: mark them checked so none waits forever."""
+    with session_scope(load_settings()) as session:
+        rows = session.exec(select(Series).where(Series.modality != "PT", Series.state == "complete",
+                                                 Series.qc_state == "pending")).all()
+        for series in rows:
+            series.qc_state = "done"
+        return len(rows)

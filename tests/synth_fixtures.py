@@ -1,0 +1,72 @@
+"""Shared helpers for the DICOM I/O and synthetic-trial tests (imported, not a conftest)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+
+from phantoms.trial import PhantomSpec, TrialSpec
+
+DCIODVFY = shutil.which("dciodvfy")
+DCENTVFY = shutil.which("dcentvfy")
+
+
+def small_spec() -> TrialSpec:
+    """The demo trial shrunk for tests: 7 subjects, coarse grids, all problems still placed,
+    and a few clean visits left over."""
+    spec = TrialSpec.demo()
+    for site, n in zip(spec.sites, (3, 3, 1)):
+        site.n_subjects = n
+    spec.pet_shape = (20, 48, 48)
+    for scanner in spec.scanners:
+        scanner.pet_voxel_mm = (6.0, 8.0, 8.0)  # 384 mm across: the whole trunk fits
+    spec.phantom = PhantomSpec(nema_shape=(20, 68, 68), cylinder_shape=(20, 44, 44),
+                               voxel_mm=(5.0, 5.0, 5.0), supersample=2)
+    return spec
+
+
+def series_files(outdir: Path, entry: dict) -> list[Path]:
+    return sorted((outdir / entry["path"]).glob("*.dcm"))
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The "Error" lines dciodvfy prints for one file (it exits 1 when there are any)."""
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    if proc.returncode != 0 and not errors:
+        errors = [f"dciodvfy exit {proc.returncode}"]
+    return errors
+
+
+def dcentvfy_errors(paths: list[Path]) -> list[str]:
+    proc = subprocess.run([DCENTVFY, *map(str, paths)], capture_output=True, text=True, timeout=120)
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def parse_dicom_datetime(date: str, time: str) -> dt.datetime:
+    """DA + TM (with or without a fraction) as a naive datetime."""
+    time = time.strip()
+    whole, _, frac = time.partition(".")
+    base = dt.datetime.strptime(date.strip() + whole, "%Y%m%d%H%M%S")
+    return base + dt.timedelta(microseconds=int((frac + "000000")[:6]) if frac else 0)
+
+
+def injection_and_start(ds: pydicom.Dataset) -> tuple[dt.datetime, dt.datetime]:
+    """Injection (RadiopharmaceuticalStartDateTime) and series start datetimes of a PET file."""
+    item = ds.RadiopharmaceuticalInformationSequence[0]
+    inj = str(item.RadiopharmaceuticalStartDateTime)
+    injection = parse_dicom_datetime(inj[:8], inj[8:])
+    start = parse_dicom_datetime(ds.SeriesDate, ds.SeriesTime)
+    return injection, start
