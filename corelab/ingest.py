@@ -132,7 +132,8 @@ def parse_object(data: bytes, source: str):
                                       "export the series again from the scanner or PACS")
     if ds.SOPClassUID not in SOP_CLASSES:
         raise Rejected("unknown_sop_class", f"{source}: SOP class {ds.SOPClassUID} is not accepted; "
-                                            f"corelab accepts {', '.join(sorted(set(SOP_CLASSES.values())))}")
+                                            "send the images as one of: "
+                                            f"{', '.join(sorted(set(SOP_CLASSES.values())))}")
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
         expected = _expected_pixel_bytes(ds)
         if expected is not None and len(ds.PixelData) < expected:
@@ -217,8 +218,8 @@ def _visit_for(session: Session, trial: Trial, site: Site, ds) -> Visit:
     return visit
 
 
-def quarantine(session: Session, settings: Settings, data: bytes, *, source: str, site: Site | None,
-               code: str, reason: str, series: Series | None = None) -> Outcome:
+def _quarantine(session: Session, settings: Settings, data: bytes, *, source: str, site: Site | None,
+                code: str, reason: str, series: Series | None = None) -> Outcome:
     digest = sha256_bytes(data)
     rel = Path("quarantine") / utcnow().strftime("%Y-%m-%d") / f"{digest[:16]}-{_SAFE.sub('_', Path(source).name)}"
     durable_write(settings.data_dir / rel, data)
@@ -231,8 +232,19 @@ def quarantine(session: Session, settings: Settings, data: bytes, *, source: str
 
 
 def accept_object(session: Session, settings: Settings, data: bytes, *, source: str, site: Site | None,
-                  fill_sheet: bytes | None = None) -> Outcome:
-    """Store one received object, or quarantine it with its reason; never raise for bad input."""
+                  fill_sheet: bytes | None = None, keep_rejected: bool = True) -> Outcome:
+    """Store one received object, or quarantine it with its reason; never raise for bad input.
+
+    ``keep_rejected=False`` (a release from quarantine) reports a rejection without writing the
+    object to quarantine a second time.
+    """
+    def quarantine(session, settings, data, **kwargs) -> Outcome:
+        if keep_rejected:
+            return _quarantine(session, settings, data, **kwargs)
+        series = kwargs.get("series")
+        return Outcome(kwargs["source"], "quarantined", series.series_uid if series else None,
+                       kwargs["code"], kwargs["reason"])
+
     if site is None:
         return quarantine(session, settings, data, source=source, site=None, code="unknown_site",
                           reason=f"{source}: sent by a site that is not registered; register it with "
@@ -341,8 +353,10 @@ def release_quarantined(session: Session, settings: Settings, item: QuarantineIt
         site = session.exec(select(Site).where(Site.code == site_code)).first()
     else:
         site = session.get(Site, item.site_id) if item.site_id else None
-    outcome = accept_object(session, settings, data, source=item.source_name, site=site)
-    if outcome.status != "quarantined":
+    outcome = accept_object(session, settings, data, source=item.source_name, site=site, keep_rejected=False)
+    if outcome.status == "quarantined":
+        item.reason_code, item.reason = outcome.reason_code, outcome.reason
+    else:
         item.released_at = utcnow()
         if outcome.series_uid:
             complete_series(session, session.exec(select(Series).where(Series.series_uid == outcome.series_uid)).one())
@@ -350,5 +364,5 @@ def release_quarantined(session: Session, settings: Settings, item: QuarantineIt
 
 
 __all__ = ["Outcome", "IngestSummary", "Rejected", "accept_object", "ingest_path", "complete_series",
-           "durable_write", "iter_drop", "parse_object", "quarantine", "release_quarantined", "series_dir",
+           "durable_write", "iter_drop", "parse_object", "release_quarantined", "series_dir",
            "SOP_CLASSES", "shutil"]

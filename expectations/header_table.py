@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -184,6 +185,7 @@ def add_cross_scan_columns(df, *, baseline_label: str = "baseline"):
         up, base_up = _float(row.get("uptake_min")), _float(base.get("uptake_min"))
         diffs.append(up - base_up if up is not None and base_up is not None else None)
         same.append(bool(row["scanner"] == base["scanner"]))
-    df["uptake_diff_vs_baseline_min"] = diffs
-    df["same_scanner_as_baseline"] = same
+    # object dtype keeps None as None: a float column would turn "not applicable" into NaN.
+    df["uptake_diff_vs_baseline_min"] = pd.Series(diffs, index=df.index, dtype=object)
+    df["same_scanner_as_baseline"] = pd.Series(same, index=df.index, dtype=object)
     return df

@@ -67,9 +67,14 @@ def cmd_settings(args) -> int:
 def cmd_synth(args) -> int:
     from phantoms.trial import TrialSpec, generate_trial
 
-    spec = TrialSpec.from_file(args.spec) if args.spec else TrialSpec.demo()
+    spec = TrialSpec.from_yaml(args.spec) if args.spec else TrialSpec.demo()
     truth = generate_trial(Path(args.outdir), spec, seed=args.seed)
-    data = truth.summary() if hasattr(truth, "summary") else {"outdir": args.outdir}
+    data = {"outdir": str(Path(args.outdir).absolute()), "trial": truth.data["trial_code"],
+            "seed": args.seed, "series": len(truth.series),
+            "files": sum(s["n_files"] for s in truth.series),
+            "problems": sorted({p["code"] for p in truth.problems}),
+            "ground_truth": str((Path(args.outdir) / "ground_truth.json").absolute()),
+            "register": str((Path(args.outdir) / "register.yaml").absolute())}
     _print(args, data)
     return 0
 

@@ -21,7 +21,7 @@ from corelab.dicomio import (
     write_pet_series,
 )
 from phantoms.digital import Grid
-from synth_fixtures import DCENTVFY, DCIODVFY, dcentvfy_errors, dciodvfy_errors
+from tests.synth_fixtures import DCENTVFY, DCIODVFY, dcentvfy_errors, dciodvfy_errors
 
 SERIES_START = dt.datetime(2023, 5, 9, 10, 31, 12)
 INJECTION = SERIES_START - dt.timedelta(minutes=62, seconds=5)

@@ -16,7 +16,7 @@ import yaml
 import corelab
 from corelab.dicomio import load_volume
 from phantoms.trial import PROBLEM_CODES, GroundTruth, TrialSpec, generate_trial, visit_activity_bq_ml
-from synth_fixtures import (
+from tests.synth_fixtures import (
     DCENTVFY,
     DCIODVFY,
     dcentvfy_errors,

@@ -1,0 +1,97 @@
+"""Imaging manual -> Great Expectations suite -> findings; header table columns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from expectations.header_table import COLUMNS, add_cross_scan_columns, missing_slices
+from expectations.manual import SUITES_DIR, ManualError, compile_suite, load_manual, suite_name, validate, write_suite
+
+
+@pytest.fixture(scope="module")
+def manual():
+    return load_manual("FDG-RESP-01")
+
+
+def test_every_rule_checks_a_documented_column(manual):
+    assert manual.rules and manual.columns <= set(COLUMNS)
+    assert {r.severity for r in manual.rules} <= {"major", "minor"}
+
+
+def test_stored_suite_is_the_compiled_manual(manual, tmp_path):
+    """The suite kept in the repo is what the manual compiles to (recompile when the manual changes)."""
+    fresh = json.loads(write_suite(manual, tmp_path).read_text())
+    stored = json.loads((SUITES_DIR / f"{suite_name(manual)}.json").read_text())
+    assert fresh == stored
+    assert len(compile_suite(manual).expectations) == len(manual.rules)
+
+
+def _row(uid, **over):
+    base = {"series_uid": uid, "units": "BQML", "decay_correction": "START", "corrected_attn_decy": True,
+            "weight_kg": 70.0, "suv_factor_g_per_bq": 2e-4, "activity_mbq": 250.0, "activity_mbq_per_kg": 3.6,
+            "uptake_min": 61.0, "uptake_diff_vs_baseline_min": None, "same_scanner_as_baseline": None,
+            "scanner_accredited": True, "software_matches_register": True, "slices_missing": 0}
+    return {**base, **over}
+
+
+@pytest.mark.parametrize("over, rule", [
+    ({"units": "CNTS"}, "units_bqml"),
+    ({"weight_kg": None}, "weight_recorded"),
+    ({"activity_mbq": 0.00037}, "activity_plausible_mbq"),
+    ({"activity_mbq_per_kg": 6.1}, "activity_per_kg"),
+    ({"uptake_min": 54.9}, "uptake_window"),
+    ({"uptake_min": 75.1}, "uptake_window"),
+    ({"uptake_diff_vs_baseline_min": -10.5}, "followup_uptake_matches_baseline"),
+    ({"same_scanner_as_baseline": False}, "same_scanner_as_baseline"),
+    ({"scanner_accredited": False}, "scanner_accredited"),
+    ({"software_matches_register": False}, "scanner_software_registered"),
+    ({"slices_missing": 1}, "series_complete"),
+    ({"corrected_attn_decy": False}, "attenuation_and_decay_corrected"),
+])
+def test_each_rule_fires_alone_in_one_batch(manual, over, rule):
+    table = pd.DataFrame([_row("clean-1"), _row("bad", **over), _row("clean-2")])
+    findings = validate(manual, table)
+    assert [(f.series_uid, f.rule.id) for f in findings] == [("bad", rule)]
+
+
+def test_boundaries_are_inclusive_and_nulls_not_flagged_by_range_rules(manual):
+    table = pd.DataFrame([_row("a", uptake_min=55.0), _row("b", uptake_min=75.0, uptake_diff_vs_baseline_min=10.0)])
+    assert validate(manual, table) == []
+
+
+def test_missing_column_is_a_finding_of_its_not_null_rule(manual):
+    table = pd.DataFrame([{k: v for k, v in _row("x").items() if k != "weight_kg"}])
+    assert {f.rule.id for f in validate(manual, table)} == {"weight_recorded"}
+
+
+def test_manual_errors_name_the_rule(tmp_path):
+    bad = tmp_path / "T.yaml"
+    bad.write_text("trial: T\nversion: 1\nrules:\n  - {id: r1, section: '1', severity: fatal, column: x, "
+                   "check: in_set, message: m}\n")
+    with pytest.raises(ManualError, match="r1 has severity 'fatal'"):
+        load_manual(bad)
+    with pytest.raises(ManualError, match="not found"):
+        load_manual("NO-SUCH-TRIAL")
+
+
+def test_cross_scan_columns():
+    df = pd.DataFrame([
+        {"subject": "S1", "visit": "baseline", "scanner": "A", "uptake_min": 60.0},
+        {"subject": "S1", "visit": "followup", "scanner": "B", "uptake_min": 72.5},
+        {"subject": "S2", "visit": "followup", "scanner": "A", "uptake_min": 60.0},  # no baseline
+    ])
+    out = add_cross_scan_columns(df)
+    assert out["uptake_diff_vs_baseline_min"].tolist()[:2] == [None, 12.5]
+    assert out["same_scanner_as_baseline"].tolist() == [None, False, None]
+
+
+def test_missing_slices_from_gaps_and_header_count():
+    positions = np.arange(10) * 3.0
+    assert missing_slices(positions, expected=10) == 0
+    assert missing_slices(np.delete(positions, 4), expected=10) == 1     # a gap inside
+    assert missing_slices(positions[:-1], expected=10) == 1               # the last one, only the count knows
+    assert missing_slices(np.delete(positions, [3, 4]), expected=None) == 2
