@@ -221,13 +221,17 @@ def _visit_for(session: Session, trial: Trial, site: Site, ds) -> Visit:
 def _quarantine(session: Session, settings: Settings, data: bytes, *, source: str, site: Site | None,
                 code: str, reason: str, series: Series | None = None) -> Outcome:
     digest = sha256_bytes(data)
+    if series is not None:
+        series.state = "quarantined"
+    held = session.exec(select(QuarantineItem).where(QuarantineItem.sha256 == digest,
+                                                     col(QuarantineItem.released_at).is_(None))).first()
+    if held is not None:  # the same bytes are already held: sending them again changes nothing
+        return Outcome(source, "quarantined", held.series_uid, held.reason_code, held.reason)
     rel = Path("quarantine") / utcnow().strftime("%Y-%m-%d") / f"{digest[:16]}-{_SAFE.sub('_', Path(source).name)}"
     durable_write(settings.data_dir / rel, data)
     session.add(QuarantineItem(site_id=site.id if site else None, source_name=Path(source).name, path=str(rel),
                                series_uid=series.series_uid if series else None, sha256=digest,
                                reason_code=code, reason=reason))
-    if series is not None:
-        series.state = "quarantined"
     return Outcome(source, "quarantined", series.series_uid if series else None, code, reason)
 
 

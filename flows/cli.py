@@ -315,16 +315,29 @@ def _version() -> str:
     return f"corelab {__version__}"
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by input a user can fix: printed as one clear line, exit status 2."""
+    from accreditation.standards import StandardError
+    from corelab.dicomio import DicomVolumeError
+    from corelab.register import RegisterError
+    from corelab.settings import SettingsError
+    from expectations.manual import ManualError
+    from phantoms.analysis import PhantomLocalisationError
+    from phantoms.fill import FillSheetError
+
+    return (SettingsError, RegisterError, ManualError, FillSheetError, StandardError, DicomVolumeError,
+            PhantomLocalisationError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from corelab.db import open_store
-    from corelab.settings import SettingsError
 
     try:
         open_store(_settings())
         return args.func(args)
-    except SettingsError as exc:
-        print(f"corelab: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        print(f"corelab {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

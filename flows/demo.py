@@ -44,17 +44,19 @@ class _Progress:
 
 @task(name="synthesize-trial", task_run_name="synthesize trial seed {seed}")
 def synthesize(outdir: str, seed: int, first_scan_date: str) -> dict:
-    from phantoms.trial import TrialSpec, generate_trial
+    """Generate the demo trial, or reuse the identical one a previous demo run generated."""
+    from phantoms.trial import GroundTruth, TrialSpec, generate_trial
 
-    spec = TrialSpec.demo()
-    spec = dataclasses.replace(spec, first_scan_date=first_scan_date)
-    generate_trial(Path(outdir), spec, seed=seed)
-    register = Path(outdir) / "register.yaml"
-    import yaml
-
-    doc = yaml.safe_load(register.read_text())
-    return {"outdir": outdir, "register": str(register), "trial": doc["trial_code"],
-            "sites": [s["code"] for s in doc["sites"]]}
+    spec = dataclasses.replace(TrialSpec.demo(), first_scan_date=first_scan_date)
+    if (Path(outdir) / "ground_truth.json").is_file():
+        truth = GroundTruth.load(outdir)
+        if truth.data["seed"] != seed or truth.data["spec"] != json.loads(json.dumps(spec.to_dict())):
+            raise RuntimeError(f"{outdir} holds another synthetic trial; move it away or use another data dir")
+    else:
+        truth = generate_trial(Path(outdir), spec, seed=seed)
+    register = truth.data["register"]
+    return {"outdir": outdir, "register": str(Path(outdir) / "register.yaml"), "trial": register["trial_code"],
+            "sites": [s["code"] for s in register["sites"]]}
 
 
 def demo_first_scan_date(today: dt.date | None = None) -> str:
@@ -67,10 +69,11 @@ def demo_first_scan_date(today: dt.date | None = None) -> str:
 def demo(seed: int = 0, first_scan_date: str | None = None, quiet: bool = False) -> dict:
     settings = load_settings()
     progress = _Progress(quiet)
-    outdir = settings.incoming_dir / f"demo-trial-seed{seed}"
+    first_scan_date = first_scan_date or demo_first_scan_date()
+    outdir = settings.incoming_dir / f"demo-trial-seed{seed}-{first_scan_date}"
 
     progress.step(0)
-    trial = synthesize(str(outdir), seed, first_scan_date or demo_first_scan_date())
+    trial = synthesize(str(outdir), seed, first_scan_date)
     progress.step(1)
     load_register_file(trial["register"])
     progress.step(2)

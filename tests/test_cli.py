@@ -1,0 +1,103 @@
+"""The command line: help everywhere, JSON where machines read, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import build_parser, main
+
+
+def _commands(parser, prefix=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _commands(sub, (*prefix, name))
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CORELAB_DATA_DIR", str(tmp_path / "data"))
+
+    def run(*argv, expect=0):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        assert code == expect, (argv, out, err)
+        return json.loads(out) if "--json" in argv else out, err
+    return run
+
+
+def test_every_command_has_help(capsys):
+    commands = list(_commands(build_parser()))
+    assert len(commands) >= 15
+    for cmd in commands:
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, "--help"])
+        assert exc.value.code == 0
+        assert "usage: corelab" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("corelab ")
+
+
+def test_first_command_creates_and_migrates_the_data_dir(cli, tmp_path):
+    data, _ = cli("settings", "--json")
+    assert data["schema_revision"] == "0001"
+    assert (tmp_path / "data" / "corelab.db").is_file() and (tmp_path / "data" / "spool").is_dir()
+
+
+def test_site_register_round_trip(cli):
+    cli("site", "add", "A01", "--ae-title", "SITE_A01", "--host", "10.1.2.3")
+    sites, _ = cli("site", "list", "--json")
+    assert sites == [{"site": "A01", "name": "", "ae_title": "SITE_A01", "host": "10.1.2.3"}]
+    _, err = cli("site", "add", "B02", "--ae-title", "A_TITLE_THAT_IS_TOO_LONG", expect=2)
+    assert "not a valid DICOM AE title" in err
+
+
+def test_ingest_series_quarantine_and_audit(cli, tmp_path):
+    from phantoms.trial import generate_trial
+    from tests.synth_fixtures import small_spec
+
+    trial = tmp_path / "trial"
+    truth = generate_trial(trial, small_spec(), seed=3)
+    cli("register", "load", str(trial / "register.yaml"))
+    (trial / "sites" / "C03" / "junk.txt").write_text("not an image")
+    summary, _ = cli("ingest", str(trial / "sites" / "C03"), "--site", "C03", "--json")
+    n_files = sum(s["n_files"] for s in truth.series if s["site"] == "C03")
+    assert summary["objects"] == n_files + 1 and summary["quarantined"] >= 1
+    series, _ = cli("series", "list", "--json")
+    assert {s["series_uid"] for s in series} == {s["series_uid"] for s in truth.series if s["site"] == "C03"}
+    held, _ = cli("quarantine", "list", "--json")
+    assert any(h["reason_code"] == "not_dicom" and h["source"] == "junk.txt" for h in held)
+    audit, _ = cli("audit", "verify", "--json")
+    assert audit == {"intact": True, "problems": []}
+
+
+def test_phantom_analyze_prints_spheres_and_verdict(cli, tmp_path):
+    from phantoms.trial import generate_trial
+    from tests.synth_fixtures import small_spec
+
+    truth = generate_trial(tmp_path / "trial", small_spec(), seed=0)
+    entry = next(s for s in truth.series if s["kind"] == "phantom" and s["scanner"] == "C03-1"
+                 and s["phantom"]["fill"]["kind"] == "nema_iec")
+    result, _ = cli("phantom", "analyze", str(tmp_path / "trial" / entry["path"]), "--fill",
+                    str(tmp_path / "trial" / entry["phantom"]["fill_sheet"]), "--json", expect=1)
+    assert [s["diameter_mm"] for s in result["spheres"]] == [10, 13, 17, 22, 28, 37]
+    assert {"rc_max", "rc_mean", "rc_peak", "percent_contrast"} <= set(result["spheres"][0])
+    assert result["verdict"] == "fail" and result["standard"] == "EARL1"
+    assert "decayed to the scan reference time" in json.dumps(result["fill"]["provenance"])
+
+
+def test_bad_fill_sheet_is_a_clear_error(cli, tmp_path):
+    fill = tmp_path / "f.yaml"
+    fill.write_text("kind: nema_iec\nsphere_kbq_ml: 20\n")
+    (tmp_path / "empty").mkdir()
+    _, err = cli("phantom", "analyze", str(tmp_path / "empty"), "--fill", str(fill), expect=2)
+    assert "'background_kbq_ml' is missing" in err

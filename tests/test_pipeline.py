@@ -1,0 +1,116 @@
+"""The demo end to end through Prefect, scored against the synthetic trial's ground truth.
+
+One run of the real demo flow (the README's demo) in a Prefect test harness; a second run must
+change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlmodel import func, select
+
+pytestmark = pytest.mark.prefect
+
+
+@pytest.fixture(scope="module")
+def demo_runs(prefect_harness, tmp_path_factory):
+    import os
+
+    data_dir = tmp_path_factory.mktemp("demo") / "corelab-data"
+    old = os.environ.get("CORELAB_DATA_DIR")
+    os.environ["CORELAB_DATA_DIR"] = str(data_dir)
+    try:
+        from corelab.db import open_store
+        from corelab.settings import load_settings
+        from flows.demo import demo
+
+        settings = load_settings()
+        open_store(settings)
+        first = demo(seed=0, quiet=True)
+        counts_first = _counts(settings)
+        second = demo(seed=0, quiet=True)
+        counts_second = _counts(settings)
+        yield settings, first, second, counts_first, counts_second
+    finally:
+        if old is None:
+            os.environ.pop("CORELAB_DATA_DIR", None)
+        else:
+            os.environ["CORELAB_DATA_DIR"] = old
+
+
+def _counts(settings) -> dict:
+    from corelab.db import session_scope
+    from corelab.models import AuditEvent, Deviation, Instance, PhantomResult, QuarantineItem, Report, Series
+
+    with session_scope(settings) as session:
+        out = {m.__name__: session.exec(select(func.count()).select_from(m)).one()
+               for m in (Series, Instance, Deviation, PhantomResult, QuarantineItem, AuditEvent)}
+        out["deviation_states"] = sorted((d.rule_id, d.status, d.observed) for d in session.exec(select(Deviation)))
+        out["reports"] = session.exec(select(func.count()).select_from(Report)).one()
+    return out
+
+
+def test_demo_finds_exactly_the_injected_problems(demo_runs):
+    _, first, _, _, _ = demo_runs
+    score = first["ground_truth_score"]
+    assert score["expected"] >= 15
+    assert score["missed"] == [] and score["unexpected"] == []
+    assert score["found_expected"] == score["expected"]
+
+
+def test_demo_accredits_the_good_scanners_and_fails_the_blurred_one(demo_runs):
+    settings, first, _, _, _ = demo_runs
+    from corelab.db import session_scope
+    from corelab.queries import accreditation_rows
+
+    with session_scope(settings) as session:
+        status = {r["scanner"]: r["status"] for r in accreditation_rows(session)}
+    assert status == {"A01-1": "accredited", "A01-2": "accredited", "B02-1": "accredited", "C03-1": "failed"}
+    assert first["phantoms"] == {"analysed": 8, "pass": 7, "fail": 1}
+
+
+def test_demo_series_states_and_report(demo_runs):
+    settings, first, _, counts, _ = demo_runs
+    from corelab.db import session_scope
+    from corelab.queries import series_rows
+
+    truth = json.loads((Path(first["synthetic_trial"]) / "ground_truth.json").read_text())
+    with session_scope(settings) as session:
+        rows = {r["series_uid"]: r for r in series_rows(session)}
+    assert set(rows) == {s["series_uid"] for s in truth["series"]}
+    named = {p["series_uid"] for p in truth["problems"] if p["code"] == "patient_name_in_header"}
+    for uid, row in rows.items():
+        assert row["state"] == ("quarantined" if uid in named else "complete")
+        if uid not in named:
+            assert row["qc_state"] == "done", row
+    report = Path(first["report"]).read_text()
+    assert "data:image/png;base64," in report
+    for needle in ("FDG-RESP-01", "A01", "B02", "C03", "uptake_window", "scanner_accredited", "failed"):
+        assert needle in report
+
+
+def test_second_demo_run_changes_nothing(demo_runs):
+    _, first, second, counts_first, counts_second = demo_runs
+    assert counts_second == {**counts_first, "reports": counts_second["reports"]}
+    assert second["qc"]["deviations_new"] == second["qc"]["deviations_updated"] == 0
+    assert second["phantoms"]["analysed"] == 0
+    for site, r in second["ingested"].items():
+        assert r["stored"] == 0 and r["duplicates"] == first["ingested"][site]["stored"]
+    assert second["ground_truth_score"] == first["ground_truth_score"]
+
+
+def test_no_planted_identifier_reaches_store_or_reports(demo_runs):
+    settings, first, _, _, _ = demo_runs
+    truth = json.loads((Path(first["synthetic_trial"]) / "ground_truth.json").read_text())
+    name = next(p["planted_value"] for p in truth["problems"] if p["code"] == "patient_name_in_header")
+    parts = [p.encode() for p in name.replace("^", " ").split() if len(p) > 2]
+    produced = [p for p in settings.data_dir.rglob("*") if p.is_file()
+                and not p.is_relative_to(settings.incoming_dir)      # the sites' input, as sent
+                and not p.is_relative_to(settings.quarantine_dir)]   # held back as sent, by design
+    assert produced
+    for path in produced:
+        data = path.read_bytes()
+        assert not any(part in data for part in parts), f"planted identifier found in {path}"
