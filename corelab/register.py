@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -64,7 +65,8 @@ def add_trial(session: Session, *, code: str, title: str = "", imaging_manual: s
     return trial
 
 
-def load_register(session: Session, path: Path) -> dict:
+def load_register(session: Session, path: Path, *,
+                  trial_fields: Callable[[str], dict] | None = None) -> dict:
     """Load a register YAML into the store; loading it again changes nothing.
 
     Format::
@@ -75,13 +77,14 @@ def load_register(session: Session, path: Path) -> dict:
         scanners: [{id: A01-1, site: A01, manufacturer: SIEMENS, model: ..., serial: ...,
                     software_versions: ...}]
 
-    The trial's imaging manual (``expectations/manuals/<trial_code>.yaml``), when it exists,
-    supplies the manual version, the accreditation standard and the pseudonym pattern.
+    ``trial_fields(trial_code)`` may supply the trial's manual, manual version, standard and
+    pseudonym pattern (the callers pass :func:`expectations.manual.trial_fields`; the kernel does
+    not read manuals itself).
     """
     doc = yaml.safe_load(Path(path).read_text()) or {}
     out = {"trial": None, "sites": 0, "scanners": 0}
     if doc.get("trial_code"):
-        fields = _manual_fields(doc["trial_code"])
+        fields = dict(trial_fields(doc["trial_code"])) if trial_fields else {}
         fields["title"] = doc.get("trial_name") or fields.get("title", "")
         out["trial"] = add_trial(session, code=doc["trial_code"], **fields).code
     sites = {}
@@ -103,14 +106,3 @@ def load_register(session: Session, path: Path) -> dict:
                     serial_number=str(entry["serial"]), software_versions=str(entry.get("software_versions", "")))
         out["scanners"] += 1
     return out
-
-
-def _manual_fields(trial_code: str) -> dict:
-    # The register may name a trial whose manual is in expectations/; the kernel must not import
-    # it, so the manual is read here as plain YAML.
-    manual = Path(__file__).resolve().parents[1] / "expectations" / "manuals" / f"{trial_code}.yaml"
-    if not manual.is_file():
-        return {}
-    doc = yaml.safe_load(manual.read_text())
-    return {"title": doc.get("title", ""), "imaging_manual": manual.name, "manual_version": str(doc.get("version", "")),
-            "standard": doc.get("standard", "EARL1"), "pseudonym_pattern": doc.get("pseudonym_pattern", "")}

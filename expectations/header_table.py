@@ -153,7 +153,7 @@ def _suv_columns(datasets: Sequence[Dataset]) -> dict:
     try:
         result = suvbw_factors(headers)
     except SuvError as exc:
-        out["suv_error"] = f"{exc.code}: {exc}"
+        out["suv_error"] = f"{exc.code}: {exc.message}"
         if exc.code == "missing_weight":
             # The uptake time does not depend on the weight: still report it for the uptake rules.
             try:

@@ -46,7 +46,9 @@ class Rule:
         if self.check == "between":
             return f"{self.params.get('min_value')} to {self.params.get('max_value')}"
         if self.check == "in_set":
-            return "one of " + ", ".join(str(v) for v in self.params.get("value_set", []))
+            values = [("yes" if v else "no") if isinstance(v, bool) else str(v)
+                      for v in self.params.get("value_set", [])]
+            return values[0] if len(values) == 1 else "one of " + ", ".join(values)
         return "present"
 
 
@@ -97,6 +99,15 @@ def load_manual(path_or_trial: str | Path) -> Manual:
     return Manual(trial=doc["trial"], version=str(doc["version"]), title=doc.get("title", ""),
                   standard=doc.get("standard", "EARL1"), pseudonym_pattern=doc.get("pseudonym_pattern", ""),
                   rules=tuple(rules), path=path)
+
+
+def trial_fields(trial_code: str) -> dict:
+    """The Trial row's fields from the trial's manual, or {} when the trial has no manual here."""
+    if not (MANUALS_DIR / f"{trial_code}.yaml").is_file():
+        return {}
+    manual = load_manual(trial_code)
+    return {"title": manual.title, "imaging_manual": manual.path.name, "manual_version": manual.version,
+            "standard": manual.standard, "pseudonym_pattern": manual.pseudonym_pattern}
 
 
 def suite_name(manual: Manual) -> str:

@@ -101,6 +101,8 @@ def _observed(finding: Finding, row: dict) -> str:
     value = finding.observed
     if value is None:
         return "missing"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     unit = COLUMNS.get(finding.rule.column, ("", "", ""))[1]
     if isinstance(value, float):
         return f"{value:.4g} {unit}".strip()

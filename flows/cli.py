@@ -82,9 +82,10 @@ def cmd_synth(args) -> int:
 def cmd_register_load(args) -> int:
     from corelab.db import session_scope
     from corelab.register import load_register
+    from expectations.manual import trial_fields
 
     with session_scope(_settings()) as session:
-        data = load_register(session, Path(args.file))
+        data = load_register(session, Path(args.file), trial_fields=trial_fields)
     _print(args, data)
     return 0
 

@@ -13,6 +13,7 @@ from sqlmodel import Session, select
 from corelab import __version__
 from corelab.models import Report, Site, Trial, utcnow
 from corelab.queries import accreditation_rows, deviation_rows, quarantine_rows
+from expectations.qc import trial_pet_series
 from reports.figures import deviations_per_site, png_data_uri
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -30,8 +31,6 @@ def trial_summary_context(session: Session, trial_code: str) -> dict:
         counts[d["site"]][d["severity"]] += 1
         if d["severity"] == "major":
             major_series[d["site"]].add(d["series_uid"])
-    from expectations.qc import trial_pet_series  # noqa: PLC0415  (reports may import expectations)
-
     site_codes = {s.id: s.code for s in session.exec(select(Site))}
     series_per_site: Counter = Counter(site_codes.get(s.site_id) for s in trial_pet_series(session, trial_code))
     sites = [{"site": code, "series": series_per_site.get(code, 0),

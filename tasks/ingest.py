@@ -9,13 +9,14 @@ from prefect import task
 from corelab.db import session_scope
 from corelab.ingest import ingest_path
 from corelab.register import load_register
+from expectations.manual import trial_fields
 from corelab.settings import load_settings
 
 
 @task(name="load-register", task_run_name="load register {path}", retries=2, retry_delay_seconds=[1, 5])
 def load_register_file(path: str) -> dict:
     with session_scope(load_settings()) as session:
-        return load_register(session, Path(path))
+        return load_register(session, Path(path), trial_fields=trial_fields)
 
 
 @task(name="ingest-drop", task_run_name="ingest {site_code}", retries=2, retry_delay_seconds=[1, 5])

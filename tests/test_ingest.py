@@ -18,6 +18,7 @@ from corelab.db import session_scope
 from corelab.ingest import ingest_path, release_quarantined
 from corelab.models import Instance, QuarantineItem, Series, Study, Subject, Visit
 from corelab.register import load_register
+from expectations.manual import trial_fields
 from phantoms.trial import generate_trial
 from tests.synth_fixtures import small_spec
 
@@ -36,7 +37,7 @@ def truth(small_trial) -> dict:
 
 def _registered(settings, trial_dir):
     with session_scope(settings) as session:
-        load_register(session, trial_dir / "register.yaml")
+        load_register(session, trial_dir / "register.yaml", trial_fields=trial_fields)
 
 
 def _clean_pet(truth, site="B02") -> dict:
