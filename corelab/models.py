@@ -73,6 +73,8 @@ class Scanner(SQLModel, table=True):
     software_versions: str = Field(default="", description="as registered; a change triggers re-qualification")
     first_seen: datetime = Field(default_factory=utcnow)
     last_seen: datetime | None = None
+    requalification_reason: str | None = Field(
+        default=None, description="why new phantom scans are due (software or hardware change), until they pass")
 
 
 class Accreditation(SQLModel, table=True):
@@ -131,6 +133,7 @@ class Series(SQLModel, table=True):
     state: str = Field(default="receiving", description="one of SERIES_STATES")
     qc_state: str = Field(default="pending", description="one of QC_STATES")
     qc_at: datetime | None = None
+    qc_manual_version: str | None = Field(default=None, description="version of the imaging manual that judged it")
     header_row: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False),
                              description="the derived header-table row of the last QC")
 

@@ -49,7 +49,9 @@ def test_console_script_is_installed():
 
 def test_first_command_creates_and_migrates_the_data_dir(cli, tmp_path):
     data, _ = cli("settings", "--json")
-    assert data["schema_revision"] == "0001"
+    from corelab.db import head_revision
+
+    assert data["schema_revision"] == head_revision()
     assert (tmp_path / "data" / "corelab.db").is_file() and (tmp_path / "data" / "spool").is_dir()
 
 

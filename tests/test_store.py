@@ -129,3 +129,20 @@ def test_audit_chain_cannot_fork(store_settings):
         session.add(AuditEvent(actor="b", action="y", prev_hash=first.prev_hash, hash="f" * 64))
         with pytest.raises(sa.exc.IntegrityError):
             session.commit()
+
+
+def test_an_old_store_is_upgraded_in_place_keeping_its_data(store_settings):
+    """A data directory made by an older corelab is brought to head by the next command."""
+    from corelab.db import get_engine, migrate
+
+    store_settings.ensure_dirs()
+    engine = get_engine(store_settings)
+    migrate(engine, "0001")
+    assert current_revision(engine) == "0001"
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO site (code, name, ae_title, created_at) "
+                             "VALUES ('OLD', '', 'OLD_AE', '2030-01-01 00:00:00')"))
+    open_store(store_settings)
+    assert current_revision(engine) == head_revision() != "0001"
+    with session_scope(store_settings) as session:
+        assert session.exec(select(Site).where(Site.code == "OLD")).one().ae_title == "OLD_AE"
