@@ -23,6 +23,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from sqlmodel import Session, col, select
 
+from corelab.completeness import assess, slice_position_mm
 from corelab.deid import check_deidentified, is_phantom
 from corelab.models import (Instance, QuarantineItem, Scanner, Series, Site, Study, Subject, Trial, Visit,
                             utcnow)
@@ -160,10 +161,17 @@ def _scanner_for(session: Session, site: Site, ds) -> Scanner | None:
     scanner = session.exec(select(Scanner).where(Scanner.manufacturer == key[0], Scanner.model == key[1],
                                                  Scanner.serial_number == key[2])).first()
     if scanner is None:
-        # A scanner the register does not know yet: record it, so QC can flag it as unaccredited.
+        # A scanner the register does not know yet: record it, so QC finds it unaccredited. The
+        # same make and model under a new serial at this site is a replaced or repaired scanner.
+        sibling = session.exec(select(Scanner).where(Scanner.site_id == site.id, Scanner.manufacturer == key[0],
+                                                     Scanner.model == key[1])).first()
         scanner = Scanner(site_id=site.id, code=f"{site.code}-{_SAFE.sub('_', key[2])}", manufacturer=key[0],
                           model=key[1], serial_number=key[2],
-                          software_versions=str(ds.get("SoftwareVersions", "")))
+                          software_versions=str(ds.get("SoftwareVersions", "")),
+                          requalification_reason=(
+                              f"new serial number {key[2]} for the {key[1]} registered at {site.code} as "
+                              f"{sibling.code} (serial {sibling.serial_number}): send phantom scans to qualify it"
+                          ) if sibling else None)
         session.add(scanner)
         session.flush()
     scanner.last_seen = utcnow()
@@ -259,6 +267,7 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, source: 
         return quarantine(session, settings, data, source=source, site=site, code=rej.code, reason=str(rej))
     trial = _trial_for(session, ds)
     series = _series_for(session, ds, site, trial)
+    series.last_received_at = utcnow()  # stability clock of the receiver, quarantined objects included
     failures = check_deidentified(ds, pseudonym_pattern=trial.pseudonym_pattern if trial else "")
     if failures:
         names = "; ".join(str(f) for f in failures)
@@ -281,6 +290,7 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, source: 
             durable_write(fill_path, fill_sheet)
     session.add(Instance(series_id=series.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
                          version=version, path=str(rel_dir / name), sha256=digest, size_bytes=len(data),
+                         slice_position_mm=slice_position_mm(ds),
                          needs_review=version > 1))
     series.instance_count += 1
     if series.state == "complete":  # a late instance reopens a completed series
@@ -301,6 +311,15 @@ def complete_series(session: Session, series: Series) -> None:
     """Mark a series complete and fix its checksum over the instances it holds."""
     digests = sorted(session.exec(select(Instance.sha256).where(Instance.series_id == series.id)).all())
     series.checksum = sha256_bytes("\n".join(digests).encode())
+    # Newest version per SOP instance: a resent, corrected slice is not a repeated position.
+    newest: dict[str, tuple[int, float | None]] = {}
+    for uid, version, position in session.exec(select(Instance.sop_instance_uid, Instance.version,
+                                                      Instance.slice_position_mm)
+                                               .where(Instance.series_id == series.id)):
+        if uid not in newest or version > newest[uid][0]:
+            newest[uid] = (version, position)
+    series.completeness = assess([p for _, p in newest.values()], instance_count=len(newest),
+                                 expected_count=series.expected_count)
     if series.state != "quarantined":
         series.state = "complete"
     series.completed_at = utcnow()

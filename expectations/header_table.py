@@ -6,7 +6,9 @@ documents them (see ``COLUMNS``). Pure functions: headers in, a dict or DataFram
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,11 +43,15 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "uptake_min": ("float", "min", "injection to scan reference time"),
     "suv_factor_g_per_bq": ("float", "g/Bq", "SUVbw factor (first slice; null when not computable)"),
     "suv_error": ("string", "", "why SUV is not computable (code: message), else null"),
+    "study_date": ("string", "", "StudyDate as sent (shifted by de-identification; intervals kept)"),
     "reconstruction_method": ("string", "", "ReconstructionMethod"),
+    "iterations": ("int", "", "iterations, parsed from ReconstructionMethod (e.g. '4i5s'), else null"),
+    "subsets": ("int", "", "subsets, parsed from ReconstructionMethod, else null"),
     "convolution_kernel": ("string", "", "ConvolutionKernel (post-filter)"),
     "matrix": ("string", "", "Rows x Columns"),
     "pixel_spacing_mm": ("float", "mm", "in-plane pixel spacing (row spacing)"),
     "slice_thickness_mm": ("float", "mm", "SliceThickness"),
+    "slice_spacing_mm": ("float", "mm", "median distance between slice positions"),
     "n_slices": ("int", "", "slices received"),
     "expected_slices": ("int", "", "NumberOfSlices from the header"),
     "slices_missing": ("int", "", "slices absent: by the header's count and by gaps in positions"),
@@ -55,8 +61,13 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "scanner_accredited": ("bool", "", "valid accreditation for the trial's standard when received"),
     "software_matches_register": ("bool", "", "SoftwareVersions equals the registered value"),
     "same_scanner_as_baseline": ("bool", "", "follow-ups: same scanner as the subject's baseline (null at baseline)"),
+    "same_reconstruction_as_baseline": ("bool", "", "follow-ups: same reconstruction method, iterations, "
+                                                    "subsets, kernel and matrix as the baseline (null at baseline)"),
     "uptake_diff_vs_baseline_min": ("float", "min", "follow-ups: uptake_min minus the baseline's (null at baseline)"),
+    "days_since_baseline": ("int", "d", "follow-ups: study date minus the baseline's (null at baseline)"),
 }
+RECONSTRUCTION_COLUMNS = ("reconstruction_method", "iterations", "subsets", "convolution_kernel", "matrix")
+_ITERATIONS_SUBSETS = re.compile(r"(\d+)\s*i\s*(\d+)\s*s\b", re.IGNORECASE)
 
 
 def _float(value: Any) -> float | None:
@@ -74,6 +85,17 @@ def _text(value: Any) -> str:
     if isinstance(value, MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value)
+
+
+def iterations_subsets(reconstruction_method: str) -> tuple[int | None, int | None]:
+    """Iterations and subsets from a ReconstructionMethod such as ``"PSF+TOF 4i5s"`` (else None, None)."""
+    match = _ITERATIONS_SUBSETS.search(reconstruction_method or "")
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)
+
+
+def _iso_date(value: Any) -> str | None:
+    text = str(value or "").strip()
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else None
 
 
 def slice_positions_mm(datasets: Sequence[Dataset]) -> np.ndarray:
@@ -113,6 +135,7 @@ def header_row(datasets: Sequence[Dataset]) -> dict:
         "decay_correction": str(first.get("DecayCorrection", "")) or None,
         "corrected_attn_decy": {"ATTN", "DECY"} <= {str(v) for v in (first.get("CorrectedImage") or [])},
         "weight_kg": _float(first.get("PatientWeight")) or None,
+        "study_date": _iso_date(first.get("StudyDate")),
         "reconstruction_method": str(first.get("ReconstructionMethod", "")),
         "convolution_kernel": str(first.get("ConvolutionKernel", "")),
         "matrix": f"{first.get('Rows', '')}x{first.get('Columns', '')}",
@@ -121,6 +144,7 @@ def header_row(datasets: Sequence[Dataset]) -> dict:
         "n_slices": len(datasets),
         "frame_duration_s": (_float(first.get("ActualFrameDuration")) or 0) / 1000 or None,
     }
+    row["iterations"], row["subsets"] = iterations_subsets(row["reconstruction_method"])
     expected = first.get("NumberOfSlices")
     row["expected_slices"] = int(expected) if expected else None
     try:
@@ -128,8 +152,10 @@ def header_row(datasets: Sequence[Dataset]) -> dict:
         row["slices_missing"] = missing_slices(positions, expected=row["expected_slices"])
         step = float(np.median(np.diff(positions))) if len(positions) > 1 else (row["slice_thickness_mm"] or 0)
         row["axial_coverage_mm"] = float(positions[-1] - positions[0] + step)
+        row["slice_spacing_mm"] = step or None
     except (AttributeError, ValueError, TypeError):
-        row["slices_missing"], row["axial_coverage_mm"] = None, None
+        # Geometry missing or unreadable: the completeness rule then reports "missing".
+        row["slices_missing"], row["axial_coverage_mm"], row["slice_spacing_mm"] = None, None, None
 
     rph = (first.get("RadiopharmaceuticalInformationSequence") or [None])[0]
     dose = _float(rph.get("RadionuclideTotalDose")) if rph is not None else None
@@ -169,23 +195,41 @@ def _suv_columns(datasets: Sequence[Dataset]) -> dict:
 def add_cross_scan_columns(df, *, baseline_label: str = "baseline"):
     """Add follow-up-versus-baseline columns to a header table (pandas DataFrame).
 
-    Rows need ``subject``, ``visit``, ``scanner`` and ``uptake_min``. A subject's baseline row is
-    the one whose visit is ``baseline_label``; follow-up rows get ``uptake_diff_vs_baseline_min``
-    and ``same_scanner_as_baseline``; baseline rows and subjects without a baseline get nulls.
+    Rows need ``subject``, ``visit``, ``scanner``, ``uptake_min``, ``study_date`` and the
+    reconstruction columns. A subject's baseline row is the one whose visit is ``baseline_label``;
+    follow-up rows get the differences; baseline rows and subjects without a baseline get nulls.
+    Study dates are compared as sent: de-identification shifts a subject's dates consistently,
+    so intervals survive.
     """
     df = df.copy()
     baselines = df[df["visit"] == baseline_label].drop_duplicates("subject", keep="last").set_index("subject")
-    diffs, same = [], []
+    columns: dict[str, list] = {"uptake_diff_vs_baseline_min": [], "same_scanner_as_baseline": [],
+                                "same_reconstruction_as_baseline": [], "days_since_baseline": []}
     for _, row in df.iterrows():
         if row["visit"] == baseline_label or row["subject"] not in baselines.index:
-            diffs.append(None)
-            same.append(None)
+            for values in columns.values():
+                values.append(None)
             continue
         base = baselines.loc[row["subject"]]
         up, base_up = _float(row.get("uptake_min")), _float(base.get("uptake_min"))
-        diffs.append(up - base_up if up is not None and base_up is not None else None)
-        same.append(bool(row["scanner"] == base["scanner"]))
+        columns["uptake_diff_vs_baseline_min"].append(up - base_up if up is not None and base_up is not None else None)
+        columns["same_scanner_as_baseline"].append(bool(row["scanner"] == base["scanner"]))
+        columns["same_reconstruction_as_baseline"].append(
+            all(_same(row.get(c), base.get(c)) for c in RECONSTRUCTION_COLUMNS))
+        columns["days_since_baseline"].append(_days_between(base.get("study_date"), row.get("study_date")))
     # object dtype keeps None as None: a float column would turn "not applicable" into NaN.
-    df["uptake_diff_vs_baseline_min"] = pd.Series(diffs, index=df.index, dtype=object)
-    df["same_scanner_as_baseline"] = pd.Series(same, index=df.index, dtype=object)
+    for name, values in columns.items():
+        df[name] = pd.Series(values, index=df.index, dtype=object)
     return df
+
+
+def _same(a: Any, b: Any) -> bool:
+    missing = (lambda v: v is None or (isinstance(v, float) and math.isnan(v)))
+    return (missing(a) and missing(b)) or a == b
+
+
+def _days_between(start: Any, end: Any) -> int | None:
+    try:
+        return (dt.date.fromisoformat(str(end)) - dt.date.fromisoformat(str(start))).days
+    except ValueError:
+        return None

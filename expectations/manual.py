@@ -61,6 +61,8 @@ class Manual:
     pseudonym_pattern: str
     rules: tuple[Rule, ...]
     path: Path
+    baseline_visit: str = "baseline"
+    accreditation_date: str = "scan"  # scan | receipt
 
     @property
     def columns(self) -> set[str]:
@@ -96,9 +98,13 @@ def load_manual(path_or_trial: str | Path) -> Manual:
     ids = [r.id for r in rules]
     if len(ids) != len(set(ids)):
         raise ManualError(f"{path}: rule ids must be unique")
+    accreditation_date = doc.get("accreditation_date", "scan")
+    if accreditation_date not in ("scan", "receipt"):
+        raise ManualError(f"{path}: accreditation_date is {accreditation_date!r}; use scan or receipt")
     return Manual(trial=doc["trial"], version=str(doc["version"]), title=doc.get("title", ""),
                   standard=doc.get("standard", "EARL1"), pseudonym_pattern=doc.get("pseudonym_pattern", ""),
-                  rules=tuple(rules), path=path)
+                  rules=tuple(rules), path=path, baseline_visit=doc.get("baseline_visit", "baseline"),
+                  accreditation_date=accreditation_date)
 
 
 def trial_fields(trial_code: str) -> dict:
@@ -142,30 +148,65 @@ def write_suite(manual: Manual, directory: Path = SUITES_DIR) -> Path:
     return path
 
 
-def validate(manual: Manual, table) -> list[Finding]:
-    """Validate a header table (pandas DataFrame, one row per series) in one GX run.
+@dataclass
+class Validation:
+    findings: list[Finding]
+    data_docs: Path | None = None
 
-    Columns the manual names but the table lacks are added as nulls, so a missing value is a
-    finding of a not-null rule rather than an error.
-    """
+
+def _context(docs_dir: Path | None):
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     for name in ("great_expectations", "great_expectations.data_context.types.base"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if docs_dir is None:
+        context = gx.get_context(mode="ephemeral")
+    else:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        context = gx.get_context(mode="file", project_root_dir=str(docs_dir))
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep CLI output readable
+    return context
+
+
+def _get_or_add(getter, adder, name):
+    try:
+        return getter(name)
+    except LookupError:  # GX's not-found errors are KeyError or LookupError subclasses
+        return adder(name)
+
+
+def validate(manual: Manual, table, *, docs_dir: Path | None = None) -> Validation:
+    """Validate a header table (pandas DataFrame, one row per series) in one GX run.
+
+    With ``docs_dir``, the run goes through a file-backed GX project there and its Data Docs
+    (``<docs_dir>/gx/uncommitted/data_docs/local_site/index.html``) are rebuilt. Columns the
+    manual names but the table lacks are added as nulls, so a missing value is a finding of a
+    not-null rule rather than an error.
+    """
+    import great_expectations as gx
+
     df = table.copy()
     for column in manual.columns - set(df.columns):
         df[column] = None
     df = df.astype(object).where(df.notna(), None)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep CLI output readable
-    batch = (context.data_sources.add_pandas("headers").add_dataframe_asset("series")
-             .add_batch_definition_whole_dataframe("batch"))
-    suite = context.suites.add(compile_suite(manual))
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
-    result = definition.run(batch_parameters={"dataframe": df},
-                            result_format={"result_format": "COMPLETE",
-                                           "unexpected_index_column_names": [KEY_COLUMN]})
+    context = _context(docs_dir)
+    source = _get_or_add(context.data_sources.get, context.data_sources.add_pandas, "headers")
+    asset = _get_or_add(source.get_asset, source.add_dataframe_asset, "series")
+    batch = _get_or_add(asset.get_batch_definition, asset.add_batch_definition_whole_dataframe, "batch")
+    suite = context.suites.add_or_update(compile_suite(manual))
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
+    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": [KEY_COLUMN]}
+    docs = None
+    if docs_dir is None:
+        result = definition.run(batch_parameters={"dataframe": df}, result_format=result_format)
+    else:
+        checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
+            name=f"qc-{suite.name}", validation_definitions=[definition], result_format=result_format,
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data-docs")]))
+        result = next(iter(checkpoint.run(batch_parameters={"dataframe": df}).run_results.values()))
+        docs = docs_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     rules = {r.id: r for r in manual.rules}
     findings = []
     for item in result.results:
@@ -175,4 +216,4 @@ def validate(manual: Manual, table) -> list[Finding]:
         rule = rules[doc["expectation_config"]["meta"]["rule_id"]]
         for row in doc["result"].get("unexpected_index_list") or []:
             findings.append(Finding(series_uid=row[KEY_COLUMN], rule=rule, observed=row.get(rule.column)))
-    return findings
+    return Validation(findings, docs)

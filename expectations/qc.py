@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 
 import pandas as pd
 import pydicom
@@ -30,11 +31,13 @@ class QcOutcome:
     deviations_updated: int = 0
     deviations_resolved: int = 0
     findings: list[dict] = field(default_factory=list)
+    scanners_flagged: list[str] = field(default_factory=list)
+    data_docs: str | None = None
 
     def as_dict(self) -> dict:
         return {"series": self.series, "deviations_new": self.deviations_new,
                 "deviations_updated": self.deviations_updated, "deviations_resolved": self.deviations_resolved,
-                "findings": self.findings}
+                "findings": self.findings, "scanners_flagged": self.scanners_flagged, "data_docs": self.data_docs}
 
 
 def series_headers(session: Session, settings: Settings, series: Series) -> list[pydicom.Dataset]:
@@ -58,40 +61,70 @@ def _context(session: Session, series: Series) -> dict:
             "trial": trial.code if trial else None, "_scanner": scanner, "_trial": trial}
 
 
-def trial_pet_series(session: Session, trial_code: str, *, only_ids: list[int] | None = None) -> list[Series]:
+def trial_pet_series(session: Session, trial_code: str, *, only_ids: list[int] | None = None,
+                     needing_version: str | None = None, subjects: set[str] | None = None) -> list[Series]:
+    """Complete trial PET series of a trial; with ``needing_version``, only those not yet judged
+    by that manual version (never checked, or checked by another version)."""
     query = (select(Series).join(Study, Series.study_id == Study.id).join(Visit, Study.visit_id == Visit.id)
              .join(Subject, Visit.subject_id == Subject.id).join(Trial, Subject.trial_id == Trial.id)
              .where(Trial.code == trial_code, Series.modality == "PT", Series.kind == "trial",
                     Series.state == "complete").order_by(col(Series.id)))
     if only_ids is not None:
         query = query.where(col(Series.id).in_(only_ids))
+    if subjects is not None:
+        query = query.where(col(Subject.pseudonym).in_(sorted(subjects)))
+    if needing_version is not None:
+        query = query.where((Series.qc_state != "done") | (Series.qc_manual_version.is_(None))
+                            | (Series.qc_manual_version != needing_version))
     return list(session.exec(query))
 
 
-def build_row(session: Session, settings: Settings, series: Series) -> dict:
+def build_row(session: Session, settings: Settings, series: Series, manual: Manual) -> dict:
     """The full header-table row of one series: headers, store context and register columns."""
     ctx = _context(session, series)
     row = header_row(series_headers(session, settings, series))
     row.update({k: v for k, v in ctx.items() if not k.startswith("_")})
-    scanner, trial = ctx["_scanner"], ctx["_trial"]
-    received = series.received_at.date() if series.received_at else date.today()
-    # Header dates are shifted by de-identification, so the accreditation gate uses the receipt date.
-    row["scanner_accredited"] = accredited_on(session, scanner.id if scanner else None,
-                                              standard=trial.standard if trial else "EARL1",
-                                              scope=trial.code if trial else "", on=received)
+    scanner = ctx["_scanner"]
+    on = series.received_at.date()
+    if manual.accreditation_date == "scan" and row.get("study_date"):
+        on = date.fromisoformat(row["study_date"])
+    row["scanner_accredited"] = accredited_on(session, scanner.id if scanner else None, standard=manual.standard,
+                                              scope=manual.trial, on=on)
     row["software_matches_register"] = bool(scanner) and row["software_versions"] == scanner.software_versions
     return row
 
 
+def flag_scanner_changes(session: Session, rows: list[dict], *, actor: str = "qc") -> list[str]:
+    """Flag registered scanners whose software version changed for re-qualification.
+
+    The first series that shows the change sets ``Scanner.requalification_reason`` (kept until
+    new phantom scans pass); an audit event records it. Returns the scanner codes flagged now.
+    """
+    flagged = []
+    for row in rows:
+        if row.get("software_matches_register") is not False or not row.get("scanner"):
+            continue
+        scanner = session.exec(select(Scanner).where(Scanner.code == row["scanner"])).one()
+        if scanner.requalification_reason:
+            continue
+        scanner.requalification_reason = (
+            f"SoftwareVersions {row['software_versions']!r} in series {row['series_uid']} differs from the "
+            f"registered {scanner.software_versions!r}: send new phantom scans for re-qualification")
+        audit.append(session, actor=actor, action="scanner.requalification_flagged", entity="scanner",
+                     entity_id=scanner.code, detail={"reason": scanner.requalification_reason})
+        flagged.append(scanner.code)
+    return flagged
+
+
 def header_table(rows: list[dict], context_rows: list[dict] | None = None, *, baseline_label: str = "baseline"):
     """DataFrame of ``rows`` with the cross-scan columns computed against ``context_rows`` too."""
-    all_rows = list(rows) + [r for r in (context_rows or []) if r["series_uid"] not in {x["series_uid"] for x in rows}]
+    keep = {r["series_uid"] for r in rows}
+    all_rows = list(rows) + [r for r in (context_rows or []) if r["series_uid"] not in keep]
     df = pd.DataFrame(all_rows)
     for column in COLUMNS:
         if column not in df.columns:
             df[column] = None
     df = add_cross_scan_columns(df, baseline_label=baseline_label)
-    keep = {r["series_uid"] for r in rows}
     return df[df["series_uid"].isin(keep)][list(COLUMNS)].reset_index(drop=True)
 
 
@@ -109,56 +142,76 @@ def _observed(finding: Finding, row: dict) -> str:
     return f"{value} {unit}".strip()
 
 
+def _json_row(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not (isinstance(v, float) and v != v)}
+
+
 def record_findings(session: Session, manual: Manual, table: pd.DataFrame, findings: list[Finding],
                     *, actor: str = "qc") -> QcOutcome:
-    """Write findings as Deviation rows (idempotent) and resolve open ones that now pass."""
+    """Write findings as Deviation rows and resolve open ones that now pass; idempotent.
+
+    Reads the batch's series and deviations in two queries and writes in bulk, so a batch of
+    thousands of series costs a few statements, not a few per series.
+    """
     rows = {r["series_uid"]: r for r in table.to_dict(orient="records")}
     series_by_uid = {s.series_uid: s for s in session.exec(select(Series).where(col(Series.series_uid).in_(list(rows))))}
+    uid_of = {s.id: uid for uid, s in series_by_uid.items()}
+    existing = {(d.series_id, d.rule_id): d
+                for d in session.exec(select(Deviation).where(col(Deviation.series_id).in_(list(uid_of))))}
     outcome = QcOutcome(series=len(rows))
-    failing = {(f.series_uid, f.rule.id) for f in findings}
+    failing: set[tuple[int, str]] = set()
+    now = utcnow()
+    new = []
     for finding in findings:
         series = series_by_uid[finding.series_uid]
-        observed = _observed(finding, rows[finding.series_uid])
-        dev = session.exec(select(Deviation).where(Deviation.series_id == series.id,
-                                                   Deviation.rule_id == finding.rule.id)).first()
+        row = rows[finding.series_uid]
+        failing.add((series.id, finding.rule.id))
         fields = dict(manual_section=finding.rule.section, manual_version=manual.version,
-                      expected=finding.rule.expected(), observed=observed, severity=finding.rule.severity,
-                      message=finding.rule.message, corelab_version=__version__)
+                      expected=finding.rule.expected(), observed=_observed(finding, row),
+                      severity=finding.rule.severity, message=finding.rule.message, corelab_version=__version__)
+        dev = existing.get((series.id, finding.rule.id))
         if dev is None:
-            session.add(Deviation(series_id=series.id, rule_id=finding.rule.id, **fields))
-            outcome.deviations_new += 1
+            new.append(Deviation(series_id=series.id, rule_id=finding.rule.id, created_at=now, updated_at=now,
+                                 **fields))
         elif any(getattr(dev, k) != v for k, v in fields.items()):
             for k, v in fields.items():
                 setattr(dev, k, v)
-            dev.updated_at = utcnow()
+            dev.updated_at = now
             outcome.deviations_updated += 1
-        outcome.findings.append({"series_uid": finding.series_uid, "site": rows[finding.series_uid].get("site"),
-                                 "subject": rows[finding.series_uid].get("subject"),
-                                 "visit": rows[finding.series_uid].get("visit"), "rule_id": finding.rule.id,
-                                 "severity": finding.rule.severity, "expected": finding.rule.expected(),
-                                 "observed": observed})
-    stale = session.exec(select(Deviation).where(col(Deviation.series_id).in_([s.id for s in series_by_uid.values()]),
-                                                 Deviation.status == "open"))
-    uid_of = {s.id: s.series_uid for s in series_by_uid.values()}
-    for dev in stale:
-        if (uid_of[dev.series_id], dev.rule_id) not in failing:
-            dev.status, dev.updated_at = "resolved", utcnow()
-            outcome.deviations_resolved += 1
-            audit.append(session, actor=actor, action="deviation.auto_resolve", entity="deviation",
-                         entity_id=dev.id, detail={"rule_id": dev.rule_id, "why": "rule passes on re-validation"})
+        outcome.findings.append({"series_uid": finding.series_uid, "site": row.get("site"),
+                                 "subject": row.get("subject"), "visit": row.get("visit"),
+                                 "rule_id": finding.rule.id, "severity": finding.rule.severity,
+                                 "expected": fields["expected"], "observed": fields["observed"]})
+    session.add_all(new)
+    outcome.deviations_new = len(new)
+    resolved = []
+    for (series_id, rule_id), dev in existing.items():
+        if dev.status == "open" and (series_id, rule_id) not in failing:
+            dev.status, dev.updated_at = "resolved", now
+            resolved.append({"deviation_id": dev.id, "series_uid": uid_of[series_id], "rule_id": rule_id})
+    outcome.deviations_resolved = len(resolved)
     for uid, series in series_by_uid.items():
-        series.header_row = {k: v for k, v in rows[uid].items() if not isinstance(v, float) or v == v}
-        series.qc_state, series.qc_at = "done", utcnow()
+        series.header_row = _json_row(rows[uid])
+        series.qc_state, series.qc_at, series.qc_manual_version = "done", now, manual.version
+    audit.append(session, actor=actor, action="qc.batch", entity="trial", entity_id=manual.trial,
+                 detail={"manual": manual.path.name, "manual_version": manual.version,
+                         "corelab_version": __version__, "series": len(rows), "new": outcome.deviations_new,
+                         "updated": outcome.deviations_updated, "resolved": resolved})
     return outcome
 
 
-def qc_series_batch(session: Session, settings: Settings, manual: Manual, series: list[Series]) -> QcOutcome:
+def qc_series_batch(session: Session, settings: Settings, manual: Manual, series: list[Series], *,
+                    docs_dir: Path | None = None) -> QcOutcome:
     """Validate a batch of trial PET series in one GX run and record the deviations."""
     if not series:
         return QcOutcome()
-    rows = [build_row(session, settings, s) for s in series]
+    rows = [build_row(session, settings, s, manual) for s in series]
+    outcome_flags = flag_scanner_changes(session, rows)
     subjects = {r["subject"] for r in rows if r.get("subject")}
-    context = [s.header_row for s in trial_pet_series(session, manual.trial)
-               if s.header_row and s.header_row.get("subject") in subjects]
-    table = header_table(rows, context)
-    return record_findings(session, manual, table, validate(manual, table))
+    context = [s.header_row for s in trial_pet_series(session, manual.trial, subjects=subjects) if s.header_row]
+    table = header_table(rows, context, baseline_label=manual.baseline_visit)
+    validation = validate(manual, table, docs_dir=docs_dir)
+    outcome = record_findings(session, manual, table, validation.findings)
+    outcome.scanners_flagged = outcome_flags
+    outcome.data_docs = str(validation.data_docs) if validation.data_docs else None
+    return outcome

@@ -19,7 +19,8 @@ FINDINGS_OF_PROBLEM: dict[str, frozenset[str]] = {
     "software_version_changed": frozenset({"scanner_software_registered"}),
     "patient_name_in_header": frozenset({"quarantine:deid_failed"}),
     "missing_slice": frozenset({"series_complete"}),
-    "followup_on_other_scanner": frozenset({"same_scanner_as_baseline"}),
+    # The other scanner is another vendor's, so the reconstruction differs too.
+    "followup_on_other_scanner": frozenset({"same_scanner_as_baseline", "same_reconstruction_as_baseline"}),
 }
 FOLLOWUP_UPTAKE_RULE = "followup_uptake_matches_baseline"
 

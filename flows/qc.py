@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.qc import find_trial_series, mark_non_pet_done, qc_batch
 
@@ -22,7 +22,12 @@ def qc_trial(trial_code: str, series_ids: list[int] | None = None, pending_only:
                "deviations_new": sum(r["deviations_new"] for r in results),
                "deviations_updated": sum(r["deviations_updated"] for r in results),
                "deviations_resolved": sum(r["deviations_resolved"] for r in results),
+               "scanners_flagged": sorted({c for r in results for c in r["scanners_flagged"]}),
+               "data_docs": next((r["data_docs"] for r in results if r["data_docs"]), None),
                "findings": findings}
+    if summary["data_docs"]:
+        create_link_artifact(key=f"data-docs-{trial_code.lower()}", link=f"file://{summary['data_docs']}",
+                             description="Great Expectations Data Docs of this QC run")
     if findings:
         create_table_artifact(key=f"deviations-{trial_code.lower()}", table=findings,
                               description=f"Protocol deviations found in this run for {trial_code}")
@@ -37,7 +42,8 @@ def _markdown(summary: dict) -> str:
              f"- series validated: **{summary['series']}**",
              f"- findings: **{len(summary['findings'])}** ({major} major)",
              f"- deviations new / updated / resolved: {summary['deviations_new']} / "
-             f"{summary['deviations_updated']} / {summary['deviations_resolved']}", ""]
+             f"{summary['deviations_updated']} / {summary['deviations_resolved']}",
+             f"- scanners flagged for re-qualification: {', '.join(summary['scanners_flagged']) or 'none'}", ""]
     if summary["findings"]:
         lines += ["| site | subject | visit | rule | severity | expected | observed |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {f['site']} | {f['subject']} | {f['visit']} | {f['rule_id']} | {f['severity']} | "

@@ -14,9 +14,10 @@ from expectations.qc import qc_series_batch, trial_pet_series
 
 @task(name="find-trial-series", task_run_name="find {trial_code} series")
 def find_trial_series(trial_code: str, pending_only: bool = True) -> list[int]:
+    """Series to check: those not yet judged by the manual's current version (or all)."""
+    version = load_manual(trial_code).version if pending_only else None
     with session_scope(load_settings()) as session:
-        series = trial_pet_series(session, trial_code)
-        return [s.id for s in series if not pending_only or s.qc_state != "done"]
+        return [s.id for s in trial_pet_series(session, trial_code, needing_version=version)]
 
 
 @task(name="qc-batch", task_run_name="qc {trial_code}: {n_series} series", retries=1, retry_delay_seconds=[5])
@@ -26,7 +27,7 @@ def qc_batch(trial_code: str, series_ids: list[int], n_series: int) -> dict:
     settings = load_settings()
     with session_scope(settings) as session:
         series = list(session.exec(select(Series).where(col(Series.id).in_(series_ids)).order_by(col(Series.id))))
-        return qc_series_batch(session, settings, manual, series).as_dict()
+        return qc_series_batch(session, settings, manual, series, docs_dir=settings.data_dir / "gx").as_dict()
 
 
 @task(name="mark-non-pet-done", task_run_name="mark CT series checked")

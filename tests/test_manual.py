@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from expectations.header_table import COLUMNS, add_cross_scan_columns, missing_slices
+from expectations.header_table import COLUMNS, add_cross_scan_columns, iterations_subsets, missing_slices
 from expectations.manual import SUITES_DIR, ManualError, compile_suite, load_manual, suite_name, validate, write_suite
 
 
@@ -34,7 +34,8 @@ def _row(uid, **over):
     base = {"series_uid": uid, "units": "BQML", "decay_correction": "START", "corrected_attn_decy": True,
             "weight_kg": 70.0, "suv_factor_g_per_bq": 2e-4, "activity_mbq": 250.0, "activity_mbq_per_kg": 3.6,
             "uptake_min": 61.0, "uptake_diff_vs_baseline_min": None, "same_scanner_as_baseline": None,
-            "scanner_accredited": True, "software_matches_register": True, "slices_missing": 0}
+            "scanner_accredited": True, "software_matches_register": True, "slices_missing": 0,
+            "same_reconstruction_as_baseline": None, "days_since_baseline": None}
     return {**base, **over}
 
 
@@ -50,22 +51,24 @@ def _row(uid, **over):
     ({"scanner_accredited": False}, "scanner_accredited"),
     ({"software_matches_register": False}, "scanner_software_registered"),
     ({"slices_missing": 1}, "series_complete"),
+    ({"same_reconstruction_as_baseline": False}, "same_reconstruction_as_baseline"),
+    ({"days_since_baseline": 70}, "followup_visit_window"),
     ({"corrected_attn_decy": False}, "attenuation_and_decay_corrected"),
 ])
 def test_each_rule_fires_alone_in_one_batch(manual, over, rule):
     table = pd.DataFrame([_row("clean-1"), _row("bad", **over), _row("clean-2")])
-    findings = validate(manual, table)
+    findings = validate(manual, table).findings
     assert [(f.series_uid, f.rule.id) for f in findings] == [("bad", rule)]
 
 
 def test_boundaries_are_inclusive_and_nulls_not_flagged_by_range_rules(manual):
     table = pd.DataFrame([_row("a", uptake_min=55.0), _row("b", uptake_min=75.0, uptake_diff_vs_baseline_min=10.0)])
-    assert validate(manual, table) == []
+    assert validate(manual, table).findings == []
 
 
 def test_missing_column_is_a_finding_of_its_not_null_rule(manual):
     table = pd.DataFrame([{k: v for k, v in _row("x").items() if k != "weight_kg"}])
-    assert {f.rule.id for f in validate(manual, table)} == {"weight_recorded"}
+    assert {f.rule.id for f in validate(manual, table).findings} == {"weight_recorded"}
 
 
 def test_manual_errors_name_the_rule(tmp_path):
@@ -79,14 +82,27 @@ def test_manual_errors_name_the_rule(tmp_path):
 
 
 def test_cross_scan_columns():
+    recon = {"reconstruction_method": "PSF+TOF 4i5s", "iterations": 4, "subsets": 5, "convolution_kernel": "G4",
+             "matrix": "200x200"}
     df = pd.DataFrame([
-        {"subject": "S1", "visit": "baseline", "scanner": "A", "uptake_min": 60.0},
-        {"subject": "S1", "visit": "followup", "scanner": "B", "uptake_min": 72.5},
-        {"subject": "S2", "visit": "followup", "scanner": "A", "uptake_min": 60.0},  # no baseline
+        {"subject": "S1", "visit": "baseline", "scanner": "A", "uptake_min": 60.0, "study_date": "2021-03-01", **recon},
+        {"subject": "S1", "visit": "followup", "scanner": "B", "uptake_min": 72.5, "study_date": "2021-04-19",
+         **recon, "subsets": 10},
+        {"subject": "S3", "visit": "baseline", "scanner": "A", "uptake_min": 60.0, "study_date": None, **recon},
+        {"subject": "S3", "visit": "followup", "scanner": "A", "uptake_min": 59.0, "study_date": None, **recon},
+        {"subject": "S2", "visit": "followup", "scanner": "A", "uptake_min": 60.0, "study_date": None, **recon},
     ])
     out = add_cross_scan_columns(df)
-    assert out["uptake_diff_vs_baseline_min"].tolist()[:2] == [None, 12.5]
-    assert out["same_scanner_as_baseline"].tolist() == [None, False, None]
+    assert out["uptake_diff_vs_baseline_min"].tolist() == [None, 12.5, None, -1.0, None]
+    assert out["same_scanner_as_baseline"].tolist() == [None, False, None, True, None]
+    assert out["same_reconstruction_as_baseline"].tolist() == [None, False, None, True, None]
+    assert out["days_since_baseline"].tolist() == [None, 49, None, None, None]
+
+
+@pytest.mark.parametrize("method, expected", [("PSF+TOF 4i5s", (4, 5)), ("OSEM3D 2i21s", (2, 21)),
+                                              ("BLOB-OS-TF 3i 11s", (3, 11)), ("VPFXS", (None, None))])
+def test_iterations_and_subsets_parsed(method, expected):
+    assert iterations_subsets(method) == expected
 
 
 def test_missing_slices_from_gaps_and_header_count():
