@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from sqlmodel import Session, col, select
 
 from corelab.completeness import assess, slice_position_mm
-from corelab.deid import check_deidentified, is_phantom
+from corelab.deid import DeidPolicy, check_deidentified, is_phantom
 from corelab.models import (Instance, QuarantineItem, Scanner, Series, Site, Study, Subject, Trial, Visit,
                             utcnow)
 from corelab.settings import Settings
@@ -268,7 +268,8 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, source: 
     trial = _trial_for(session, ds)
     series = _series_for(session, ds, site, trial)
     series.last_received_at = utcnow()  # stability clock of the receiver, quarantined objects included
-    failures = check_deidentified(ds, pseudonym_pattern=trial.pseudonym_pattern if trial else "")
+    failures = check_deidentified(ds, policy=DeidPolicy.from_dict(trial.deid_policy if trial else None,
+                                                                  pseudonym_pattern=trial.pseudonym_pattern if trial else ""))
     if failures:
         names = "; ".join(str(f) for f in failures)
         return quarantine(session, settings, data, source=source, site=site, code="deid_failed", series=series,

@@ -22,7 +22,8 @@ from sqlalchemy import JSON, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 SeriesState = Literal["receiving", "complete", "quarantined"]
-QcState = Literal["pending", "running", "done", "failed"]
+# queued: a completed series whose QC start was claimed (exactly once) and handed to a flow.
+QcState = Literal["pending", "queued", "running", "done", "failed"]
 SeriesKind = Literal["trial", "phantom", "unknown"]
 AccreditationStatus = Literal["pending", "accredited", "failed", "expired", "suspended"]
 Severity = Literal["major", "minor"]
@@ -49,6 +50,8 @@ class Trial(SQLModel, table=True):
     manual_version: str = ""
     standard: str = Field(default="EARL1", description="accreditation standard required of scanners")
     pseudonym_pattern: str = Field(default="", description="regex a subject pseudonym must match")
+    deid_policy: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}"),
+                              description="de-identification check options (corelab.deid.DeidPolicy fields)")
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -127,9 +130,13 @@ class Series(SQLModel, table=True):
     description: str = ""
     received_at: datetime = Field(default_factory=utcnow)
     completed_at: datetime | None = None
+    last_received_at: datetime | None = Field(
+        default=None, index=True, description="newest arrival; the series is stable when this is old enough")
     instance_count: int = 0
     expected_count: int | None = Field(default=None, description="from the header's own counts")
     checksum: str | None = Field(default=None, description="sha256 over the sorted instance sha256s")
+    completeness: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}"),
+                               description="at completion: count vs the header's counts, position gaps/repeats")
     state: str = Field(default="receiving", description="one of SERIES_STATES")
     qc_state: str = Field(default="pending", description="one of QC_STATES")
     qc_at: datetime | None = None
@@ -148,6 +155,8 @@ class Instance(SQLModel, table=True):
     path: str = Field(description="spool path, relative to the data directory")
     sha256: str = Field(max_length=64)
     size_bytes: int
+    slice_position_mm: float | None = Field(
+        default=None, description="ImagePositionPatient projected on the slice normal (completeness check)")
     needs_review: bool = False
     received_at: datetime = Field(default_factory=utcnow)
 

@@ -10,6 +10,7 @@ import yaml
 from sqlmodel import Session, select
 
 from corelab import audit
+from corelab.deid import DeidPolicy
 from corelab.models import Scanner, Site, Trial
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash or control
@@ -54,13 +55,19 @@ def add_scanner(session: Session, site: Site, *, code: str, manufacturer: str, m
 
 
 def add_trial(session: Session, *, code: str, title: str = "", imaging_manual: str = "", manual_version: str = "",
-              standard: str = "EARL1", pseudonym_pattern: str = "") -> Trial:
+              standard: str = "EARL1", pseudonym_pattern: str = "", deid_policy: dict | None = None) -> Trial:
     trial = session.exec(select(Trial).where(Trial.code == code)).first()
     if trial is None:
         trial = Trial(code=code)
         session.add(trial)
     trial.title, trial.imaging_manual, trial.manual_version = title, imaging_manual, manual_version
     trial.standard, trial.pseudonym_pattern = standard, pseudonym_pattern
+    if deid_policy is not None:
+        try:  # refuse a malformed policy at load, not at the first scan
+            DeidPolicy.from_dict(deid_policy)
+        except (TypeError, ValueError) as exc:
+            raise RegisterError(f"trial {code}: deid_policy: {exc}") from None
+        trial.deid_policy = dict(deid_policy)
     session.flush()
     return trial
 
@@ -72,6 +79,7 @@ def load_register(session: Session, path: Path, *,
     Format::
 
         trial_code: FDG-RESP-01          # optional
+        deid_policy: {private_tags: remove_all}   # optional, corelab.deid.DeidPolicy fields
         trial_name: ...
         sites:    [{code: A01, ae_title: SITE_A01, name: ..., host: ...}]
         scanners: [{id: A01-1, site: A01, manufacturer: SIEMENS, model: ..., serial: ...,
@@ -86,6 +94,8 @@ def load_register(session: Session, path: Path, *,
     if doc.get("trial_code"):
         fields = dict(trial_fields(doc["trial_code"])) if trial_fields else {}
         fields["title"] = doc.get("trial_name") or fields.get("title", "")
+        if doc.get("deid_policy") is not None:
+            fields["deid_policy"] = doc["deid_policy"]
         out["trial"] = add_trial(session, code=doc["trial_code"], **fields).code
     sites = {}
     for i, entry in enumerate(doc.get("sites", [])):

@@ -1,5 +1,5 @@
-"""Phantom analysis, first cut: NEMA IEC body phantom (EARL recovery, NEMA contrast) and the
-uniform-cylinder calibration check.
+"""Phantom analysis: the NEMA IEC body phantom (EARL recovery coefficients, NEMA NU 2 percent
+contrast, background variability and lung residual) and the uniform-cylinder calibration check.
 
 Arrays are indexed ``(plane, row, col)``; positions are ``(x, y, z)`` in mm. With a
 :class:`~phantoms.digital.Grid` they are patient LPS coordinates; without one, ``(0, 0, 0)`` is
@@ -11,6 +11,7 @@ reproduced by public implementations).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +30,8 @@ __all__ = [
     "analyze_nema_iec",
     "analyze_uniform_cylinder",
     "RC_PEAK_RADIUS_MM",
+    "RC_PEAK_PLACEMENTS",
+    "LUNG_ROI_DIAMETER_MM",
 ]
 
 RC_PEAK_RADIUS_MM = (3.0 * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
@@ -68,7 +71,8 @@ class SphereResult:
     detected : bool
         True if the sphere was itself found by thresholding (else placed from the ring fit).
     max_kbq_ml, mean_kbq_ml, peak_kbq_ml : float
-        Highest voxel, mean of the A50 VOI, mean of the 1 mL sphere on the highest voxel.
+        Highest voxel, mean of the A50 VOI, mean of the 1 mL RCpeak sphere (placed as
+        :attr:`NemaIecResult.rc_peak_placement` says).
     rc_max, rc_mean, rc_peak : float
         The above divided by the true sphere concentration.
     voi_volume_ml : float
@@ -79,6 +83,10 @@ class SphereResult:
         ``C_B``: mean of the background ROIs of this sphere's diameter.
     background_variability_pct : float
         NEMA ``N = SD / C_B * 100`` over the background ROIs of this diameter (sample SD).
+    hot_plane_index : int
+        Image plane of the hot ROI for percent contrast (the plane nearest the sphere centre).
+    peak_centre_mm : tuple of float
+        Centre of the 1 mL RCpeak sphere, ``(x, y, z)`` mm.
     """
 
     diameter_mm: float
@@ -94,6 +102,8 @@ class SphereResult:
     percent_contrast: float
     background_mean_kbq_ml: float
     background_variability_pct: float
+    hot_plane_index: int = -1
+    peak_centre_mm: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (NaN, e.g. a contrast that could not be measured, becomes None)."""
@@ -123,7 +133,18 @@ class NemaIecResult:
     coordinates : str
         ``"patient"`` (a grid was given) or ``"index"`` (mm from voxel ``[0, 0, 0]``).
     rc_peak_placement : str
-        How the 1 mL RCpeak sphere was placed.
+        How the 1 mL RCpeak sphere was placed: ``"max_voxel"`` (centred on the highest voxel of
+        the sphere's A50 VOI) or ``"max_mean"`` (at the voxel centre, within the sphere's
+        neighbourhood, where the 1 mL mean is highest).
+    lung_residual_pct : float
+        NEMA lung residual error, mean over :attr:`lung_residual_planes` of
+        ``C_lung,i / C_B,37mm * 100`` (30 mm ROI on the lung insert, background of the 37 mm ROIs).
+    lung_residual_per_plane_pct : tuple of float
+        ``C_lung,i / C_B,37mm * 100`` on each of those planes.
+    lung_residual_planes : tuple of int
+        Image planes used: those of the background ROIs (sphere plane, +/-10, +/-20 mm).
+    localisation : str
+        ``"automatic"`` (spheres found by thresholding, ring fitted) or ``"given centres"``.
     """
 
     spheres: tuple[SphereResult, ...]
@@ -135,7 +156,11 @@ class NemaIecResult:
     sphere_plane_index: int
     n_background_rois: int
     coordinates: str
-    rc_peak_placement: str = "centred on the highest voxel"
+    rc_peak_placement: str = "max_voxel"
+    lung_residual_pct: float = math.nan
+    lung_residual_per_plane_pct: tuple[float, ...] = ()
+    lung_residual_planes: tuple[int, ...] = ()
+    localisation: str = "automatic"
 
     def sphere(self, diameter_mm: float) -> SphereResult:
         """The result of the sphere of this nominal diameter."""
@@ -156,9 +181,22 @@ class NemaIecResult:
     def rc_peak(self) -> dict[float, float]:
         return {s.diameter_mm: s.rc_peak for s in self.spheres}
 
+    @property
+    def background_variability(self) -> dict[float, float]:
+        """NEMA background variability per sphere diameter, ``{diameter_mm: N_j %}``."""
+        return {s.diameter_mm: s.background_variability_pct for s in self.spheres}
+
     def to_dict(self) -> dict:
-        """JSON-ready dict (NaN becomes None)."""
-        return _json_safe(asdict(self))
+        """JSON-ready dict (NaN becomes None).
+
+        Besides the fields, it carries the NEMA summary at the top level:
+        ``background_variability`` (``{"10": N %, ..., "37": N %}``, keys the sphere diameters
+        in mm) and ``lung_residual`` (mean lung residual error, %).
+        """
+        out = asdict(self)
+        out["background_variability"] = {f"{d:g}": v for d, v in self.background_variability.items()}
+        out["lung_residual"] = self.lung_residual_pct
+        return _json_safe(out)
 
 
 @dataclass(frozen=True)
@@ -170,7 +208,10 @@ class CylinderResult:
     measured_kbq_ml, true_kbq_ml : float
         Mean of the central VOI, and the filled concentration.
     calibration_bias_pct : float
-        ``(measured / true - 1) * 100``.
+        ``(measured / true - 1) * 100`` (EARL "SUV bias").
+    suv_mean : float
+        ``measured / true``: the mean SUV of the VOI when the cylinder's SUV normalisation is
+        its true concentration (EARL accepts 0.90-1.10). Dimensionless.
     cov_pct : float
         Voxel coefficient of variation in the VOI (sample SD / mean * 100).
     slice_means_kbq_ml : tuple of float
@@ -193,6 +234,7 @@ class CylinderResult:
     measured_kbq_ml: float
     true_kbq_ml: float
     calibration_bias_pct: float
+    suv_mean: float
     cov_pct: float
     slice_means_kbq_ml: tuple[float, ...]
     slice_z_mm: tuple[float, ...]
@@ -311,35 +353,80 @@ def _kabsch(template: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np.nda
     return r, t, rms
 
 
-def _find_hot_spheres(
+def _hot_components(
     volume: np.ndarray, frame: _Frame, threshold: float, geometry: NemaIecBodyPhantom
-) -> dict[float, np.ndarray]:
-    """Centres of the hot spheres that stand out above ``threshold``, matched by size.
+) -> list[tuple[float, np.ndarray]]:
+    """Hot connected components that could be spheres: ``[(volume_ml, centre_xyz), ...]``.
 
-    A light 2 mm smoothing keeps noise from splitting a sphere into pieces. The components are
-    ranked by volume and given the largest diameters in turn (smaller spheres drop out first as
-    resolution or contrast fall).
+    A light 2 mm smoothing keeps noise from splitting a sphere into pieces. Components from a
+    quarter of the smallest sphere to three times the largest are kept, largest first.
     """
     sigma_vox = 2.0 / frame.spacing[::-1]
-    smooth = ndimage.gaussian_filter(volume.astype(np.float64), sigma_vox)
+    smooth = ndimage.gaussian_filter(volume, sigma_vox)
     labels, n = ndimage.label(smooth > threshold)
     if n == 0:
-        return {}
+        return []
     voxel_ml = float(np.prod(frame.spacing)) / 1000.0
     idx = np.arange(1, n + 1)
-    volumes_ml = ndimage.sum_labels(np.ones_like(smooth), labels, idx) * voxel_ml
-    weights = np.clip(smooth - threshold, 0.0, None)
+    volumes_ml = np.bincount(labels.ravel(), minlength=n + 1)[1:] * voxel_ml
     largest_ml = max(geometry.sphere_volumes_ml.values())
     smallest_ml = min(geometry.sphere_volumes_ml.values())
-    # spheres only: not bigger than 3x the 37 mm sphere, not smaller than 1/4 of the 10 mm one
-    keep = [(v, lab) for v, lab in zip(volumes_ml, idx) if 0.25 * smallest_ml <= v <= 3.0 * largest_ml]
+    keep = [(float(v), int(lab)) for v, lab in zip(volumes_ml, idx) if 0.25 * smallest_ml <= v <= 3.0 * largest_ml]
     keep.sort(reverse=True)
+    keep = keep[:_MAX_CANDIDATES]
+    if not keep:
+        return []
+    weights = np.clip(smooth - threshold, 0.0, None)
+    centres = ndimage.center_of_mass(weights, labels, [lab for _, lab in keep])
+    return [(v, frame.to_mm(np.array(c))) for (v, _), c in zip(keep, centres)]
+
+
+_MAX_CANDIDATES = 10
+"""Hot components considered when matching the sphere ring (largest first)."""
+
+
+def _match_ring(
+    candidates: list[tuple[float, np.ndarray]], geometry: NemaIecBodyPhantom, *, max_rms_mm: float,
+    accept_mm: float
+) -> dict[float, np.ndarray]:
+    """Assign hot components to spheres using the known ring geometry.
+
+    Every ordered choice of three components (in decreasing size) is tried as the three largest
+    spheres; the rigid ring fitted to them predicts where the other spheres are, and a
+    component within ``accept_mm`` of a prediction is taken as that sphere. The assignment
+    with most spheres, then the smallest fit RMS, wins. Hot objects other than the spheres
+    (noise, a hot lung insert end, a syringe) are thereby ignored unless they sit on the ring.
+    """
     diameters = sorted(geometry.sphere_diameters_mm, reverse=True)
-    out = {}
-    for d, (_, lab) in zip(diameters, keep):
-        kji = np.array(ndimage.center_of_mass(weights, labels, lab))
-        out[d] = frame.to_mm(kji)
-    return out
+    ring_c = np.asarray(geometry.ring_centre_mm)
+    template_all = {d: np.asarray(c) - ring_c for d, c in geometry.sphere_centres_mm().items()}
+    if len(candidates) < 3:
+        return {d: c for d, (_, c) in zip(diameters, candidates)}
+    vols = [v for v, _ in candidates]
+    pts = [c for _, c in candidates]
+    best_key, best = None, None
+    big = diameters[:3]
+    for trio_idx in itertools.combinations(range(len(pts)), 3):
+        r, t, rms = _kabsch(np.array([template_all[d] for d in big]), np.array([pts[n] for n in trio_idx]))
+        if rms > max_rms_mm:
+            continue
+        chosen = dict(zip(big, trio_idx))
+        for d in diameters[3:]:
+            pred = r @ template_all[d] + t
+            dist = [(float(np.linalg.norm(p - pred)), n) for n, p in enumerate(pts) if n not in chosen.values()]
+            if dist and min(dist)[0] <= accept_mm:
+                chosen[d] = min(dist)[1]
+        ds = sorted(chosen)
+        rms_all = _kabsch(np.array([template_all[d] for d in ds]), np.array([pts[chosen[d]] for d in ds]))[2]
+        # the ring is a regular hexagon: a fit turned by 60 degrees fits as well, so sizes decide
+        inversions = sum(1 for a, b in itertools.combinations(ds, 2) if vols[chosen[a]] > vols[chosen[b]])
+        key = (len(chosen), -inversions, -rms_all)
+        if best_key is None or key > best_key:
+            best_key, best = key, {d: pts[n] for d, n in chosen.items()}
+    if best is None:
+        # no trio fits the ring: report the largest components (the caller explains the failure)
+        return {d: c for d, (_, c) in zip(diameters, candidates)}
+    return best
 
 
 @dataclass(frozen=True)
@@ -353,11 +440,22 @@ class _RingPose:
         return self.rotation @ (np.asarray(p_phantom, dtype=float) - ring_centre_ph) + self.translation
 
 
+_HOW_TO_GIVE_CENTRES = ("If the phantom is in the image but cannot be localised, give the sphere centres by hand "
+                        "(centres_mm; command line: --centres FILE, YAML/JSON {diameter_mm: [x, y, z]} in "
+                        "patient mm).")
+
+
 def _fit_ring(
     found: Mapping[float, np.ndarray], geometry: NemaIecBodyPhantom, *, max_rms_mm: float, given: bool
 ) -> _RingPose:
     ring_c = np.asarray(geometry.ring_centre_mm)
     template_all = geometry.sphere_centres_mm()
+    ds = sorted(found)
+    unknown = [d for d in ds if not any(abs(d - g) < 0.5 for g in geometry.sphere_diameters_mm)]
+    if unknown:
+        raise PhantomLocalisationError(
+            f"sphere diameter(s) {unknown} mm are not IEC sphere diameters {list(geometry.sphere_diameters_mm)}")
+    found = {min(geometry.sphere_diameters_mm, key=lambda g: abs(g - d)): v for d, v in found.items()}
     ds = sorted(found)
     if len(ds) < 3:
         if given:
@@ -365,7 +463,8 @@ def _fit_ring(
         raise PhantomLocalisationError(
             f"found {len(ds)} hot sphere(s) ({', '.join(f'{d:g} mm' for d in ds) or 'none'}); "
             "need at least 3 (the 37, 28 and 22 mm spheres) to fit the sphere ring. Check the "
-            "sphere and background concentrations given, and that the sphere plane is in the image."
+            "sphere and background concentrations given, and that the sphere plane is in the image. "
+            + _HOW_TO_GIVE_CENTRES
         )
     template = np.array([np.asarray(template_all[d]) - ring_c for d in ds])
     pts = np.array([found[d] for d in ds])
@@ -374,7 +473,8 @@ def _fit_ring(
         raise PhantomLocalisationError(
             f"the sphere centres ({', '.join(f'{d:g} mm' for d in ds)}) do not fit the IEC sphere "
             f"ring: RMS {rms:.1f} mm > {max_rms_mm:.1f} mm. A hot object other than the spheres, "
-            "or spheres missing from the field of view, may be present."
+            "or spheres missing from the field of view, may be present. "
+            + ("" if given else _HOW_TO_GIVE_CENTRES)
         )
     return _RingPose(r, t, rms, tuple(ds))
 
@@ -415,6 +515,29 @@ def _ball_mean(volume, frame: _Frame, centre_xyz, radius_mm: float) -> float:
     return float(np.sum(w * volume[region]) / np.sum(w))
 
 
+def _best_ball(volume, frame: _Frame, centre_xyz, within_mm: float, radius_mm: float):
+    """Voxel centre within ``within_mm`` of ``centre_xyz`` where the ball mean is highest.
+
+    Returns ``(mean, centre_xyz)``. The ball mean at every voxel centre is a correlation with
+    the ball's partial-voxel weights.
+    """
+    # kernel: partial-voxel weights of the ball centred on a voxel centre
+    half = np.ceil(radius_mm / frame.spacing[::-1] + 1.0).astype(int)
+    kframe = _Frame(-half[::-1] * frame.spacing, frame.spacing, tuple(2 * half + 1), frame.kind)
+    kregion = tuple(slice(0, n) for n in kframe.shape)
+    kernel = _ball_weights(kframe, kregion, (0.0, 0.0, 0.0), radius_mm)
+    kernel /= kernel.sum()
+    region = frame.ball_region(np.asarray(centre_xyz), within_mm + radius_mm + float(max(frame.spacing)))
+    means = ndimage.correlate(volume[region], kernel, mode="nearest")
+    x, y, z = frame.region_mm(region)
+    cx, cy, cz = centre_xyz
+    allowed = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= within_mm**2
+    means = np.where(allowed, means, -np.inf)
+    k = np.unravel_index(int(np.argmax(means)), means.shape)
+    kji = np.array([s.start + i for s, i in zip(region, k)], dtype=float)
+    return float(means[k]), frame.to_mm(kji)
+
+
 def _disc_mean(volume, frame: _Frame, plane: int, centre_xy, radius_mm: float) -> float | None:
     if not 0 <= plane < frame.shape[0]:
         return None
@@ -424,6 +547,13 @@ def _disc_mean(volume, frame: _Frame, plane: int, centre_xy, radius_mm: float) -
     if w.sum() < 0.98 * expected:
         return None
     return float(np.sum(w * volume[reg]) / np.sum(w))
+
+
+RC_PEAK_PLACEMENTS = ("max_voxel", "max_mean")
+"""Documented RCpeak placements (see :func:`analyze_nema_iec`)."""
+
+LUNG_ROI_DIAMETER_MM = 30.0
+"""NEMA NU 2 lung-insert ROI diameter, mm."""
 
 
 def analyze_nema_iec(
@@ -437,8 +567,10 @@ def analyze_nema_iec(
     geometry: NemaIecBodyPhantom = NEMA_IEC_BODY,
     search_margin_mm: float = 10.0,
     max_fit_rms_mm: float | None = None,
+    rc_peak_placement: str = "max_voxel",
 ) -> NemaIecResult:
-    """Recovery coefficients, percent contrast and background variability of an IEC phantom.
+    """Recovery coefficients, percent contrast, background variability and lung residual of an
+    IEC body phantom.
 
     Parameters
     ----------
@@ -450,7 +582,8 @@ def analyze_nema_iec(
         True (filled) sphere and background concentrations at the same time, kBq/mL.
     centres_mm : dict, optional
         Known sphere centres ``{diameter_mm: (x, y, z)}`` (at least three spheres), in the
-        coordinates described in the module docstring. Skips the automatic search.
+        coordinates described in the module docstring. Skips the automatic search; the ring is
+        fitted to them, so the other spheres, the lung insert and the background ROIs follow.
     grid : Grid, optional
         Places the volume in patient space; positions are then patient LPS mm.
     geometry : NemaIecBodyPhantom
@@ -461,6 +594,10 @@ def analyze_nema_iec(
     max_fit_rms_mm : float, optional
         Largest accepted RMS distance between the spheres found and the ring geometry; default
         ``max(4 mm, 1.5 voxel)``.
+    rc_peak_placement : {"max_voxel", "max_mean"}
+        Where the 1 mL RCpeak sphere goes: centred on the highest voxel of the sphere (default),
+        or at the voxel centre within the sphere's radius of its fitted centre where the 1 mL
+        mean is highest.
 
     Returns
     -------
@@ -469,31 +606,35 @@ def analyze_nema_iec(
     Raises
     ------
     PhantomLocalisationError
-        Fewer than three spheres found, or they do not fit the ring geometry.
+        Fewer than three spheres found, or they do not fit the ring geometry; the message says
+        how to give the centres by hand.
 
     Notes
     -----
     Localisation: voxels above ``B + 0.5 * (S - B)`` (after a 2 mm Gaussian smoothing) form
-    connected components; the largest are matched to the largest spheres, and the rigid
-    sphere-ring geometry is fitted to their centroids (any roll, tilt or turning over). The
-    smaller spheres are placed from that fit, not searched for, as NEMA fixes ROIs rather than
-    moving them to the hottest spot.
+    connected components; every trio of them is tried as the 37, 28 and 22 mm spheres, the
+    rigid sphere-ring geometry fitted to it predicts the other spheres, and the assignment that
+    explains most components on the ring wins (then the smallest RMS). The fit is rigid in 3-D:
+    any shift, roll about the phantom axis, tilt, and the phantom turned end over end (either
+    patient orientation) fit alike. The ring centre is the lung-insert axis, so the insert and
+    the background ROIs follow from the same fit. Spheres not found are placed from the fit, not
+    searched for, as NEMA fixes ROIs rather than moving them to the hottest spot.
 
     * ``rc_max``: highest voxel within ``radius + search_margin_mm`` / true sphere conc.
     * ``rc_mean``: mean of the voxels ``>= B + 0.5 * (max - B)`` (``B`` the *known*
       background), face-connected to the highest voxel, within the same neighbourhood (EARL
       A50 background-adapted isocontour).
-    * ``rc_peak``: mean of a 1 mL sphere (r = 6.2 mm, partial-voxel weights) centred on the
-      highest voxel. EARL tools differ here (some move the sphere to where its mean is highest).
+    * ``rc_peak``: mean of a 1 mL sphere (r = 6.2 mm, partial-voxel weights by 5^3
+      sub-samples) placed as ``rc_peak_placement`` says. EARL tools differ here.
     * ``percent_contrast``: ``Q_H = (C_H / C_B - 1) / (S / B - 1) * 100``; ``C_H`` is the mean of
-      a circle of the sphere diameter on the image plane nearest the ring centre (pixel weights
-      by area); ``C_B`` the mean over the background circles of the same diameter at the 12
-      positions of :attr:`~phantoms.geometry.NemaIecBodyPhantom.background_roi_xy_mm` on the
+      a circle of the sphere diameter on the image plane nearest the sphere centre (pixel
+      weights by area); ``C_B`` the mean over the background circles of the same diameter at the
+      12 positions of :attr:`~phantoms.geometry.NemaIecBodyPhantom.background_roi_xy_mm` on the
       planes nearest -20, -10, 0, +10, +20 mm from the sphere plane (a simplified set: see the
       geometry), skipping ROIs cut by the image edge.
     * ``background_variability_pct``: sample SD (ddof = 1) of those ROI means / ``C_B`` * 100.
-
-    The lung residual error is not computed in this first cut.
+    * ``lung_residual_pct``: a 30 mm circle on the lung-insert axis on each of the planes of
+      the background ROIs; ``C_lung,i / C_B,37mm * 100`` averaged over those planes (NEMA NU 2).
     """
     volume = np.asarray(volume_kbq_ml, dtype=np.float64)
     frame = _frame(volume, voxel_mm, grid)
@@ -504,12 +645,16 @@ def analyze_nema_iec(
         )
     if background_kbq_ml <= 0:
         raise ValueError(f"background_kbq_ml must be > 0, got {background_kbq_ml}")
+    if rc_peak_placement not in RC_PEAK_PLACEMENTS:
+        raise ValueError(f"rc_peak_placement is {rc_peak_placement!r}; use one of {RC_PEAK_PLACEMENTS}")
     ph = geometry
     ring_c = np.asarray(ph.ring_centre_mm)
-    rms_limit = max_fit_rms_mm if max_fit_rms_mm is not None else max(4.0, 1.5 * float(max(frame.spacing)))
+    voxel_max = float(max(frame.spacing))
+    rms_limit = max_fit_rms_mm if max_fit_rms_mm is not None else max(4.0, 1.5 * voxel_max)
     if centres_mm is None:
         threshold = background_kbq_ml + 0.5 * (sphere_kbq_ml - background_kbq_ml)
-        found = _find_hot_spheres(volume, frame, threshold, ph)
+        candidates = _hot_components(volume, frame, threshold, ph)
+        found = _match_ring(candidates, ph, max_rms_mm=rms_limit, accept_mm=max(5.0, 1.5 * voxel_max))
     else:
         found = {float(d): np.asarray(c, dtype=float) for d, c in centres_mm.items()}
     pose = _fit_ring(found, ph, max_rms_mm=rms_limit, given=centres_mm is not None)
@@ -517,13 +662,19 @@ def analyze_nema_iec(
     ring_centre = pose.translation
     axis = pose.rotation[:, 2]
 
-    # sphere plane for the 2-D NEMA ROIs: the image plane nearest the ring centre
-    plane0 = int(round(float(frame.to_index(ring_centre)[0])))
+    def plane_of(p) -> int:
+        return int(round(float(frame.to_index(p)[0])))
+
+    plane0 = plane_of(ring_centre)
     bg_rois = []  # (plane, (x, y)) of each background ROI
+    lung_rois = []  # (plane, (x, y)) of the lung-insert ROI on the same planes
+    lx, ly = ph.lung_axis_xy_mm
     for dz in ph.background_roi_offsets_z_mm:
         for bx, by in ph.background_roi_xy_mm:
             p = pose.to_image((bx, by, ph.sphere_plane_z_mm + dz), ring_c)
-            bg_rois.append((int(round(float(frame.to_index(p)[0]))), (float(p[0]), float(p[1]))))
+            bg_rois.append((plane_of(p), (float(p[0]), float(p[1]))))
+        p = pose.to_image((lx, ly, ph.sphere_plane_z_mm + dz), ring_c)
+        lung_rois.append((plane_of(p), (float(p[0]), float(p[1]))))
 
     spheres = []
     n_bg_used = 0
@@ -536,16 +687,24 @@ def analyze_nema_iec(
                 "lies outside the image"
             )
         vmax, vmean, nvox, max_xyz = voi
-        peak = _ball_mean(volume, frame, max_xyz, RC_PEAK_RADIUS_MM)
-        c_hot = _disc_mean(volume, frame, plane0, c[:2], 0.5 * d)
+        if rc_peak_placement == "max_voxel":
+            peak_xyz = max_xyz
+            peak = _ball_mean(volume, frame, peak_xyz, RC_PEAK_RADIUS_MM)
+        else:
+            peak, peak_xyz = _best_ball(volume, frame, c, 0.5 * d, RC_PEAK_RADIUS_MM)
+        hot_plane = plane_of(c)
+        c_hot = _disc_mean(volume, frame, hot_plane, c[:2], 0.5 * d)
         bg_means = [m for pl, xy in bg_rois if (m := _disc_mean(volume, frame, pl, xy, 0.5 * d)) is not None]
         n_bg_used = max(n_bg_used, len(bg_means))
-        if len(bg_means) >= 2 and c_hot is not None:
+        if len(bg_means) >= 2:
             c_b = float(np.mean(bg_means))
-            q_h = (c_hot / c_b - 1.0) / (sphere_kbq_ml / background_kbq_ml - 1.0) * 100.0
             n_j = float(np.std(bg_means, ddof=1)) / c_b * 100.0
         else:
-            c_b, q_h, n_j = math.nan, math.nan, math.nan
+            c_b, n_j = math.nan, math.nan
+        if c_hot is not None and math.isfinite(c_b):
+            q_h = (c_hot / c_b - 1.0) / (sphere_kbq_ml / background_kbq_ml - 1.0) * 100.0
+        else:
+            q_h = math.nan
         spheres.append(
             SphereResult(
                 diameter_mm=float(d),
@@ -561,8 +720,17 @@ def analyze_nema_iec(
                 percent_contrast=float(q_h),
                 background_mean_kbq_ml=c_b,
                 background_variability_pct=n_j,
+                hot_plane_index=hot_plane,
+                peak_centre_mm=tuple(float(v) for v in peak_xyz),
             )
         )
+    c_b37 = spheres[-1].background_mean_kbq_ml if spheres else math.nan
+    lung_planes, lung_pct = [], []
+    for pl, xy in lung_rois:
+        m = _disc_mean(volume, frame, pl, xy, 0.5 * LUNG_ROI_DIAMETER_MM)
+        if m is not None and math.isfinite(c_b37):
+            lung_planes.append(pl)
+            lung_pct.append(m / c_b37 * 100.0)
     return NemaIecResult(
         spheres=tuple(spheres),
         sphere_kbq_ml=float(sphere_kbq_ml),
@@ -573,6 +741,11 @@ def analyze_nema_iec(
         sphere_plane_index=plane0,
         n_background_rois=n_bg_used,
         coordinates=frame.kind,
+        rc_peak_placement=rc_peak_placement,
+        lung_residual_pct=float(np.mean(lung_pct)) if lung_pct else math.nan,
+        lung_residual_per_plane_pct=tuple(float(v) for v in lung_pct),
+        lung_residual_planes=tuple(lung_planes),
+        localisation="automatic" if centres_mm is None else "given centres",
     )
 
 
@@ -664,6 +837,7 @@ def analyze_uniform_cylinder(
         measured_kbq_ml=mean,
         true_kbq_ml=float(concentration_kbq_ml),
         calibration_bias_pct=(mean / concentration_kbq_ml - 1.0) * 100.0,
+        suv_mean=mean / concentration_kbq_ml,
         cov_pct=float(values.std(ddof=1) / mean * 100.0),
         slice_means_kbq_ml=tuple(float(v) for v in slice_means),
         slice_z_mm=tuple(float(v) for v in z_planes[voi_planes]),

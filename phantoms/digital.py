@@ -36,6 +36,7 @@ __all__ = [
     "uniform_cylinder",
     "patient_maps",
     "blur_fwhm",
+    "block_mean",
     "add_noise",
 ]
 
@@ -657,6 +658,16 @@ def blur_fwhm(
     -------
     ndarray of float32
         Blurred volume; ``sigma = FWHM / 2.3548`` per axis, in voxels.
+
+    Notes
+    -----
+    The kernel is the Gaussian sampled at voxel centres and applied to voxel means. A scanner's
+    image is the object convolved with the PSF and then integrated over each voxel; the sampled
+    kernel approximates that well while the FWHM spans two voxels or more, but at 1.5 voxels
+    (6 mm FWHM, 4 mm voxels) recovery coefficients of the small spheres differ by up to 0.03.
+    For such cases render the object on a grid ``f`` times finer, blur there and reduce with
+    :func:`block_mean`: the result is the voxel-integrated image to the accuracy of the fine
+    grid.
     """
     fwhm = np.broadcast_to(np.asarray(fwhm_mm, dtype=float), (3,))
     sigma_vox = fwhm / FWHM_PER_SIGMA / np.asarray(voxel_mm, dtype=float)
@@ -664,6 +675,31 @@ def blur_fwhm(
     if not np.any(sigma_vox > 0):
         return data.astype(np.float32)
     return ndimage.gaussian_filter(data, sigma=sigma_vox, mode=mode, truncate=5.0).astype(np.float32)
+
+
+def block_mean(volume: np.ndarray, factor: int | Sequence[int]) -> np.ndarray:
+    """Mean over ``factor``-sized blocks: a fine-grid image reduced to voxels ``factor`` times larger.
+
+    A grid made with ``Grid.centred(shape * f, voxel_mm / f, centre)`` tiles the voxels of
+    ``Grid.centred(shape, voxel_mm, centre)`` exactly, ``f**3`` fine voxels to one.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (planes, rows, cols)
+        Each dimension a multiple of its factor.
+    factor : int or (3,) int
+        Block size per axis ``(plane, row, col)``.
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    f = tuple(int(v) for v in np.broadcast_to(np.asarray(factor), (3,)))
+    v = np.asarray(volume, dtype=np.float64)
+    if any(n % k for n, k in zip(v.shape, f)):
+        raise ValueError(f"shape {v.shape} is not a multiple of the block {f}")
+    nz, ny, nx = (n // k for n, k in zip(v.shape, f))
+    return v.reshape(nz, f[0], ny, f[1], nx, f[2]).mean(axis=(1, 3, 5)).astype(np.float32)
 
 
 def add_noise(volume: np.ndarray, *, rng: np.random.Generator, cov: float) -> np.ndarray:
