@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
@@ -177,14 +177,38 @@ def is_phantom(ds: Dataset) -> bool:
 
 
 def _identifying_elements(ds: Dataset, keywords: tuple[str, ...]) -> list[DeidFailure]:
-    """Annex E attributes with a value, at any depth (an item of a sequence can carry them too)."""
+    """Annex E attributes with a value, at any depth (an item of a sequence can carry them too).
+
+    Looks up the wanted tags and descends only into sequences, so the other elements of the
+    object stay unparsed (``iterall`` would decode every element: 1 ms per object).
+    """
     wanted = {tag_for_keyword(k): k for k in keywords if tag_for_keyword(k) is not None}
-    found: dict[str, DeidFailure] = {}
-    for elem in ds.iterall():
-        keyword = wanted.get(elem.tag)
-        if keyword and keyword not in found and _has_value(elem.value):
-            found[keyword] = DeidFailure(keyword, _tag(keyword), "must be removed or empty (PS3.15 basic profile)")
-    return [found[k] for k in keywords if k in found]
+    found: set[str] = set()
+
+    def visit(item: Dataset, depth: int) -> None:
+        for tag in item.keys():
+            keyword = wanted.get(tag)
+            if keyword is not None:
+                if keyword not in found and _has_value(item[tag].value):
+                    found.add(keyword)
+            elif dictionary_VR_or_none(tag) == "SQ" and depth < 8:
+                for child in item[tag].value or []:
+                    visit(child, depth + 1)
+            elif tag.is_private and depth < 8:
+                raw = item.get_item(tag)
+                if getattr(raw, "VR", None) == "SQ":
+                    for child in item[tag].value or []:
+                        visit(child, depth + 1)
+
+    visit(ds, 0)
+    return [DeidFailure(k, _tag(k), "must be removed or empty (PS3.15 basic profile)") for k in keywords if k in found]
+
+
+def dictionary_VR_or_none(tag) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def _private_failures(ds: Dataset, policy: DeidPolicy) -> list[DeidFailure]:
@@ -193,12 +217,13 @@ def _private_failures(ds: Dataset, policy: DeidPolicy) -> list[DeidFailure]:
     allowed = policy.allowed_private()
     creators: dict[tuple[int, int], str] = {}
     failures: list[DeidFailure] = []
-    for elem in ds:  # top level: private elements inside allowed private sequences come with them
-        tag = Tag(elem.tag)
+    # Top level only (private elements inside an allowed private sequence come with it); keys,
+    # not elements, so that public elements are not decoded.
+    for tag in (Tag(t) for t in ds.keys()):
         if not tag.is_private:
             continue
         if 0x0010 <= tag.element <= 0x00FF:  # a private creator reserves block (group, element)
-            creators[(tag.group, tag.element)] = str(elem.value or "").strip().upper()
+            creators[(tag.group, tag.element)] = str(ds[tag].value or "").strip().upper()
             if (tag.group, creators[(tag.group, tag.element)]) in allowed:
                 continue
         else:

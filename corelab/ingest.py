@@ -20,6 +20,7 @@ from datetime import date
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.errors import InvalidDicomError
 from sqlmodel import Session, col, select
 
@@ -117,6 +118,27 @@ def _expected_pixel_bytes(ds) -> int | None:
         return None
 
 
+def _wrong_vr_keywords(ds) -> list[str]:
+    """Standard top-level elements whose explicit VR contradicts the data dictionary (keywords only).
+
+    Reads the raw elements' VRs without decoding their values; implicit-VR objects carry none.
+    """
+    wrong = []
+    for tag in ds.keys():
+        if tag.is_private or tag.group in (0x0002, 0xFFFE):
+            continue
+        vr = getattr(ds.get_item(tag), "VR", None)
+        if vr in (None, "UN"):
+            continue
+        try:
+            allowed = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if vr not in allowed.split(" or "):
+            wrong.append(keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})")
+    return wrong
+
+
 def parse_object(data: bytes, source: str):
     """Parse and validate one object; raise :class:`Rejected` with the reason and the fix."""
     try:
@@ -135,6 +157,12 @@ def parse_object(data: bytes, source: str):
         raise Rejected("unknown_sop_class", f"{source}: SOP class {ds.SOPClassUID} is not accepted; "
                                             "send the images as one of: "
                                             f"{', '.join(sorted(set(SOP_CLASSES.values())))}")
+    wrong = _wrong_vr_keywords(ds)
+    if wrong:
+        raise Rejected("wrong_vr", f"{source}: {', '.join(wrong)} encoded with the wrong value representation; "
+                                   "export the series again from the scanner or PACS")
+    if not any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise Rejected("truncated", f"{source}: no pixel data (the file ends before the image); send it again")
     if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
         expected = _expected_pixel_bytes(ds)
         if expected is not None and len(ds.PixelData) < expected:
@@ -293,7 +321,8 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, source: 
                          version=version, path=str(rel_dir / name), sha256=digest, size_bytes=len(data),
                          slice_position_mm=slice_position_mm(ds),
                          needs_review=version > 1))
-    series.instance_count += 1
+    # In SQL, not in Python: concurrent receivers add to the same series without losing counts.
+    series.instance_count = Series.instance_count + 1
     if series.state == "complete":  # a late instance reopens a completed series
         series.state = "receiving"
     for keyword in ("NumberOfSlices", "ImagesInAcquisition"):

@@ -263,6 +263,14 @@ def _calling_ae(event) -> str:
     return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).strip()
 
 
+def _reject(assoc, result_source_diagnostic: tuple[int, int, int]) -> None:
+    # As pynetdicom's own rejection does: queue the A-ASSOCIATE-RJ, then wait (kill) until the
+    # state machine is idle, i.e. the PDU went out and the peer closed; returning at once would
+    # close the socket first and the sender would only see "peer aborted".
+    assoc.acse.send_reject(*result_source_diagnostic)
+    assoc.kill()
+
+
 def handle_requested(event, sites: SiteDirectory) -> None:
     """Reject an association from a calling AE title (and host) the site register does not know."""
     ae_title, address = _calling_ae(event), event.assoc.requestor.address
@@ -270,12 +278,12 @@ def handle_requested(event, sites: SiteDirectory) -> None:
         site = sites.lookup(ae_title, address, fresh=True)
     except Exception:  # the register is unreadable: refuse for now, the sender will retry
         LOG.exception("association from %r at %s: site register unavailable, rejected (transient)", ae_title, address)
-        event.assoc.acse.send_reject(0x02, 0x03, 0x01)
+        _reject(event.assoc, (0x02, 0x03, 0x01))
         return
     if site is None:
         LOG.warning("association rejected: calling AE %r from %s is not in the site register "
                     "(register it with `corelab site add SITE --ae-title %s`)", ae_title, address, ae_title)
-        event.assoc.acse.send_reject(*REJECT_UNKNOWN_CALLING_AE)
+        _reject(event.assoc, REJECT_UNKNOWN_CALLING_AE)
         return
     LOG.info("association accepted: site %s, calling AE %r from %s", site[1], ae_title, address)
 

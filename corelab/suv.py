@@ -1007,3 +1007,48 @@ def suv_stats(volume_real: Any, factors_per_slice: Any) -> tuple[float, float, f
     suv = volume * factors.reshape((-1,) + (1,) * (volume.ndim - 1))
     values = suv[mask]
     return float(values.min()), float(values.mean()), float(values.max())
+
+
+# --------------------------------------------------------------------------------------------
+# Series on disk
+# --------------------------------------------------------------------------------------------
+
+
+def suv_of_files(paths: Sequence[Any]) -> list[dict[str, Any]]:
+    """SUVbw of every PET series among DICOM files, one JSON-ready entry per series.
+
+    Each entry has the series UID, Units, DecayCorrection, the factor per slice (g/Bq, slices in
+    geometric order), ``suv_min``/``suv_mean``/``suv_max`` over the non-zero voxels, and the
+    values the factor rests on; or, when SUV cannot be computed, ``error`` with the code, the
+    attribute and what to fix. Files that are not DICOM are listed under ``unreadable``; no file
+    makes it raise.
+    """
+    from pydicom.errors import InvalidDicomError
+
+    from corelab.dicomio import DicomVolumeError, load_volume, read_header
+
+    groups: dict[str, list[Any]] = {}
+    entries: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            uid = str(read_header(path).get("SeriesInstanceUID", "") or "")
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            entries.append({"file": str(path), "unreadable": f"{type(exc).__name__}: not a readable DICOM file"})
+            continue
+        groups.setdefault(uid, []).append(path)
+    for uid, files in groups.items():
+        entry: dict[str, Any] = {"series_uid": uid, "n_files": len(files)}
+        try:
+            volume = load_volume(files)
+            headers = [read_header(p) for p in volume.paths]
+            entry.update(units=str(headers[0].get("Units", "")) or None,
+                         decay_correction=str(headers[0].get("DecayCorrection", "")) or None)
+            result = suvbw_factors([header_from_dataset(h) for h in headers])
+            suv_min, suv_mean, suv_max = suv_stats(volume.array, result.factors_g_per_bq)
+            entry.update(suv_min=suv_min, suv_mean=suv_mean, suv_max=suv_max, error=None, **result.to_dict())
+        except SuvError as exc:
+            entry["error"] = {"code": exc.code, "attribute": exc.attribute, "message": exc.message}
+        except DicomVolumeError as exc:
+            entry["error"] = {"code": "bad_geometry", "attribute": None, "message": str(exc)}
+        entries.append(entry)
+    return entries

@@ -43,6 +43,7 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "uptake_min": ("float", "min", "injection to scan reference time"),
     "suv_factor_g_per_bq": ("float", "g/Bq", "SUVbw factor (first slice; null when not computable)"),
     "suv_error": ("string", "", "why SUV is not computable (code: message), else null"),
+    "header_problems": ("string", "", "required attributes missing, or differing between slices; empty when none"),
     "study_date": ("string", "", "StudyDate as sent (shifted by de-identification; intervals kept)"),
     "reconstruction_method": ("string", "", "ReconstructionMethod"),
     "iterations": ("int", "", "iterations, parsed from ReconstructionMethod (e.g. '4i5s'), else null"),
@@ -66,6 +67,16 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "uptake_diff_vs_baseline_min": ("float", "min", "follow-ups: uptake_min minus the baseline's (null at baseline)"),
     "days_since_baseline": ("int", "d", "follow-ups: study date minus the baseline's (null at baseline)"),
 }
+# What a PET header must carry for quantification and traceability (facts file, section 5).
+REQUIRED_ATTRIBUTES = ("Units", "DecayCorrection", "CorrectedImage", "RadiopharmaceuticalInformationSequence",
+                       "PatientWeight", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
+                       "ReconstructionMethod", "SliceThickness", "PixelSpacing", "ImagePositionPatient",
+                       "ImageOrientationPatient", "Manufacturer", "ManufacturerModelName", "DeviceSerialNumber",
+                       "SoftwareVersions")
+REQUIRED_DOSE_ATTRIBUTES = ("RadionuclideTotalDose", "RadionuclideHalfLife")
+# Must be the same on every slice of a series.
+CONSTANT_ATTRIBUTES = ("Units", "DecayCorrection", "PatientWeight", "SeriesDate", "SeriesTime",
+                       "ReconstructionMethod", "DeviceSerialNumber", "SoftwareVersions", "Rows", "Columns")
 RECONSTRUCTION_COLUMNS = ("reconstruction_method", "iterations", "subsets", "convolution_kernel", "matrix")
 _ITERATIONS_SUBSETS = re.compile(r"(\d+)\s*i\s*(\d+)\s*s\b", re.IGNORECASE)
 
@@ -96,6 +107,30 @@ def iterations_subsets(reconstruction_method: str) -> tuple[int | None, int | No
 def _iso_date(value: Any) -> str | None:
     text = str(value or "").strip()
     return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else None
+
+
+def header_problems(datasets: Sequence[Dataset]) -> str:
+    """Required attributes missing (on any slice) and attributes that differ between slices, as text.
+
+    Empty string when the header is complete and consistent. Names attribute keywords only,
+    never values.
+    """
+    def blank(ds, keyword):
+        value = ds.get(keyword)
+        return value is None or value == "" or (hasattr(value, "__len__") and len(value) == 0)
+
+    missing = [k for k in REQUIRED_ATTRIBUTES if any(blank(ds, k) for ds in datasets)]
+    if "RadiopharmaceuticalInformationSequence" not in missing:
+        missing += [k for k in REQUIRED_DOSE_ATTRIBUTES
+                    if any(blank(ds.RadiopharmaceuticalInformationSequence[0], k) for ds in datasets)]
+    differing = [k for k in CONSTANT_ATTRIBUTES if k not in missing
+                 and len({_text(ds.get(k)) for ds in datasets}) > 1]
+    parts = []
+    if missing:
+        parts.append("missing: " + ", ".join(missing))
+    if differing:
+        parts.append("differ between slices: " + ", ".join(differing))
+    return "; ".join(parts)
 
 
 def slice_positions_mm(datasets: Sequence[Dataset]) -> np.ndarray:
@@ -142,6 +177,7 @@ def header_row(datasets: Sequence[Dataset]) -> dict:
         "pixel_spacing_mm": _float((first.get("PixelSpacing") or [None])[0]),
         "slice_thickness_mm": _float(first.get("SliceThickness")),
         "n_slices": len(datasets),
+        "header_problems": header_problems(datasets),
         "frame_duration_s": (_float(first.get("ActualFrameDuration")) or 0) / 1000 or None,
     }
     row["iterations"], row["subsets"] = iterations_subsets(row["reconstruction_method"])

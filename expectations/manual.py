@@ -46,7 +46,7 @@ class Rule:
         if self.check == "between":
             return f"{self.params.get('min_value')} to {self.params.get('max_value')}"
         if self.check == "in_set":
-            values = [("yes" if v else "no") if isinstance(v, bool) else str(v)
+            values = [("yes" if v else "no") if isinstance(v, bool) else (str(v) or "none")
                       for v in self.params.get("value_set", [])]
             return values[0] if len(values) == 1 else "one of " + ", ".join(values)
         return "present"

@@ -136,6 +136,8 @@ def _observed(finding: Finding, row: dict) -> str:
         return "missing"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if finding.rule.column == "header_problems":
+        return str(value)
     unit = COLUMNS.get(finding.rule.column, ("", "", ""))[1]
     if isinstance(value, float):
         return f"{value:.4g} {unit}".strip()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 # problem code -> findings on the problem's own series ("quarantine:<code>" for a quarantine reason)
 FINDINGS_OF_PROBLEM: dict[str, frozenset[str]] = {
     "uptake_out_of_window": frozenset({"uptake_window"}),
-    "missing_weight": frozenset({"weight_recorded", "suv_computable"}),
+    "missing_weight": frozenset({"weight_recorded", "suv_computable", "header_complete"}),
     "wrong_units": frozenset({"units_bqml", "suv_computable"}),
     "dose_in_mbq": frozenset({"activity_plausible_mbq", "activity_per_kg", "suv_computable"}),
     "scanner_not_accredited": frozenset({"scanner_accredited"}),

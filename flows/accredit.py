@@ -2,35 +2,102 @@
 
 from __future__ import annotations
 
+import math
+
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.phantoms import accredit_phantom, find_phantom_series
+from tasks.phantoms import accredit_phantom, coming_expiries, find_phantom_series
+
+_METRIC_NAMES = {"rc_mean": "RCmean (A50)", "rc_max": "RCmax", "rc_peak": "RCpeak (1 mL)"}
 
 
 @flow(name="accredit-scanners", flow_run_name="accredit {scope} ({standard})", log_prints=True)
-def accredit_scanners(scope: str, standard: str = "EARL1", series: list[tuple[int, str]] | None = None) -> list[dict]:
-    """Analyse received phantom series (all pending ones by default) and update the register."""
+def accredit_scanners(scope: str, standard: str = "EARL1", series: list[tuple] | None = None,
+                      warn_days: int = 30) -> list[dict]:
+    """Analyse received phantom series (all pending ones by default) and update the register.
+
+    ``series`` items are ``(series id, series UID)`` or ``(series id, series UID, scanner code)``.
+    Leaves two artifacts: the results with their RC tables against the standard's bands
+    (``accreditation-<scope>``) and the accreditations expiring within ``warn_days``
+    (``accreditation-expiries``).
+    """
     todo = series if series is not None else find_phantom_series()
-    futures = [accredit_phantom.submit(sid, uid, standard, scope) for sid, uid in todo]
+    futures = [accredit_phantom.submit(item[0], item[1], standard, scope, item[2] if len(item) > 2 else "")
+               for item in todo]
     results = [f.result() for f in futures]
     if results:
         create_markdown_artifact(key=f"accreditation-{scope.lower()}", markdown=_markdown(results, standard),
                                  description=f"Phantom results and verdicts ({standard})")
+    expiring = coming_expiries(warn_days)
+    create_markdown_artifact(key="accreditation-expiries", markdown=_expiries_markdown(expiring, warn_days),
+                             description=f"Accreditations expiring within {warn_days} days")
     return results
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _rc_table(r: dict) -> list[str]:
+    """Per sphere and metric: value, band, margin, verdict (from the stored checks)."""
+    checks = (r.get("checks") or {}).get("checks") or []
+    spheres = (r.get("metrics") or {}).get("spheres") or []
+    by_key = {(c["metric"], c["diameter_mm"]): c for c in checks}
+    metrics = [m for m in _METRIC_NAMES if any(c["metric"] == m for c in checks)] or ["rc_mean", "rc_max"]
+    head = "| sphere mm | " + " | ".join(f"{_METRIC_NAMES[m]} [band] margin" for m in metrics) + \
+           " | % contrast | bkg var % |"
+    lines = [head, "|---" * (len(metrics) + 3) + "|"]
+    for s in spheres:
+        cells = []
+        for m in metrics:
+            c = by_key.get((m, s["diameter_mm"]))
+            if c is None:
+                cells.append(_fmt(s.get(m)))
+                continue
+            mark = "ok" if c["passed"] else "**FAIL**"
+            note = "" if c["verified"] else " (unverified)"
+            cells.append(f"{_fmt(c['value'])} [{c['low']:.2f}-{c['high']:.2f}] {_fmt(c['margin'], '+.3f')} "
+                         f"{mark}{note}")
+        lines.append(f"| {s['diameter_mm']:g} | " + " | ".join(cells) +
+                     f" | {_fmt(s.get('percent_contrast'), '.1f')} | {_fmt(s.get('background_variability_pct'), '.2f')} |")
+    return lines
 
 
 def _markdown(results: list[dict], standard: str) -> str:
     lines = [f"# Phantom analysis against {standard}", "",
-             "| series | kind | verdict | register | key figures |", "|---|---|---|---|---|"]
+             "| scanner | series | kind | verdict | register | valid until | key figures |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.get("metrics") or {}
         if r.get("kind") == "nema_iec":
-            key = ", ".join(f"{s['diameter_mm']:g} mm RCmean {s['rc_mean']:.2f}" for s in m.get("spheres", []))
+            key = f"lung residual {_fmt(m.get('lung_residual'), '.1f')} %"
         elif r.get("kind") == "uniform_cylinder":
-            key = f"SUV bias {m.get('calibration_bias_pct', float('nan')):+.1f} %"
+            key = (f"SUV bias {_fmt(m.get('calibration_bias_pct'), '+.1f')} %, SUV mean {_fmt(m.get('suv_mean'))}, "
+                   f"CoV {_fmt(m.get('cov_pct'), '.1f')} %")
         else:
             key = r.get("error", "")
-        lines.append(f"| {r['series_uid'][-12:]} | {r.get('kind', '')} | **{r['verdict']}** | "
-                     f"{r.get('accreditation') or ''} | {key} |")
+        lines.append(f"| {r.get('scanner') or ''} | {r['series_uid'][-12:]} | {r.get('kind', '')} | "
+                     f"**{r['verdict']}** | {r.get('accreditation') or ''} | {r.get('valid_until') or ''} | {key} |")
+    for r in results:
+        if r.get("kind") != "nema_iec":
+            continue
+        m = r.get("metrics") or {}
+        lines += ["", f"## {r.get('scanner') or ''} NEMA IEC ({r['series_uid'][-12:]}): **{r['verdict']}**", "",
+                  f"RCpeak placement: {m.get('rc_peak_placement', '')}; margins are the distance to the nearer "
+                  "band edge (negative outside); unverified bands are shown but do not decide the verdict.", ""]
+        lines += _rc_table(r)
+    return "\n".join(lines)
+
+
+def _expiries_markdown(expiring: list[dict], warn_days: int) -> str:
+    lines = [f"# Accreditations expiring within {warn_days} days", ""]
+    if not expiring:
+        return "\n".join(lines + ["None."])
+    lines += ["| scanner | site | standard | scope | status | valid until | days left | due |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['scanner']} | {e['site']} | {e['standard']} | {e['scope']} | {e['status']} | "
+              f"{e['valid_until']} | {e['days_left']} | {e['due']} |" for e in expiring]
     return "\n".join(lines)

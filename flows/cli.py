@@ -184,12 +184,51 @@ def cmd_deviations(args) -> int:
 
 
 def cmd_accreditation_list(args) -> int:
+    from accreditation.register import Cadence, expiring_accreditations
     from corelab.db import session_scope
     from corelab.queries import accreditation_rows
 
     with session_scope(_settings()) as session:
         rows = accreditation_rows(session)
-    _print(args, rows, rows, ["scanner", "site", "standard", "scope", "status", "valid_from", "valid_until"])
+        expiring = expiring_accreditations(session, within_days=args.within_days)
+    soon = {(e["scanner"], e["standard"], e["scope"]): e for e in expiring}
+    for row in rows:
+        e = soon.get((row["scanner"], row["standard"], row["scope"]))
+        if e is not None:
+            row["status"] = e["status"]  # an accreditation whose validity has ended reads expired
+        row["expires_in_days"] = e["days_left"] if e else ""
+    _print(args, rows, rows, ["scanner", "site", "standard", "scope", "status", "valid_from", "valid_until",
+                              "expires_in_days"])
+    if not args.json:
+        for e in expiring:
+            when = (f"expired {-e['days_left']} day(s) ago" if e["days_left"] < 0
+                    else f"expires in {e['days_left']} day(s)")
+            print(f"warning: {e['scanner']} {e['standard']} ({e['scope']}) {when} on {e['valid_until']}: "
+                  f"{e['due']}")
+    return 0
+
+
+def cmd_accreditation_show(args) -> int:
+    from accreditation.register import scanner_record
+    from corelab.db import session_scope
+
+    with session_scope(_settings()) as session:
+        record = scanner_record(session, args.scanner)
+    if record is None:
+        print(f"corelab accreditation show: no scanner {args.scanner!r}; `corelab accreditation list` "
+              "names the scanners", file=sys.stderr)
+        return 2
+    if args.json:
+        _print(args, record)
+        return 0
+    _print(args, record["scanner"])
+    print("\naccreditations:")
+    _print(args, record["accreditations"], record["accreditations"],
+           ["standard", "scope", "status", "valid_from", "valid_until", "days_left"])
+    print("\nphantom results (newest first):")
+    _print(args, record["phantom_results"], record["phantom_results"],
+           ["id", "kind", "verdict", "scan_date", "standard", "standard_version", "corelab_version",
+            "input_sha256"])
     return 0
 
 
@@ -207,10 +246,36 @@ def cmd_phantom_analyze(args) -> int:
     from accreditation.evaluate import evaluate_series_folder
     from phantoms.fill import load_fill_sheet
 
-    result = evaluate_series_folder(Path(args.path), load_fill_sheet(Path(args.fill)),
-                                    standard=args.standard).to_dict()
+    from accreditation.evaluate import load_centres
+
+    centres = load_centres(Path(args.centres)) if args.centres else None
+    result = evaluate_series_folder(Path(args.path), load_fill_sheet(Path(args.fill)), standard=args.standard,
+                                    centres_mm=centres, rc_peak_placement=args.rc_peak).to_dict()
     _print(args, result)
     return 0 if result.get("verdict") == "pass" else 1
+
+
+def cmd_suv(args) -> int:
+    from corelab.suv import suv_of_files
+
+    path = Path(args.path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        print(f"corelab suv: no files in {path}", file=sys.stderr)
+        return 2
+    entries = suv_of_files(files)
+    if args.json:
+        _print(args, entries)
+    else:
+        rows = [{"series_uid": e.get("series_uid", e.get("file")), "units": e.get("units") or "",
+                 "factor_g_per_bq": "" if e.get("error") or "unreadable" in e else
+                 (f"{e['factor_g_per_bq']:.6g}" if e.get("factor_g_per_bq") else "varies per slice"),
+                 "suv_min/mean/max": "" if e.get("error") or "unreadable" in e else
+                 f"{e['suv_min']:.2f} / {e['suv_mean']:.2f} / {e['suv_max']:.2f}",
+                 "problem": (e["error"]["message"] if e.get("error") else e.get("unreadable", ""))}
+                for e in entries]
+        _print(args, rows, rows, ["series_uid", "units", "factor_g_per_bq", "suv_min/mean/max", "problem"])
+    return 0 if all(not e.get("error") and "unreadable" not in e for e in entries) else 1
 
 
 def cmd_demo(args) -> int:
@@ -221,6 +286,68 @@ def cmd_demo(args) -> int:
     summary = run_demo(settings, seed=args.seed, quiet=args.json)
     _print(args, summary)
     return 0
+
+
+def _log_to_stderr(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom logs every PDU at INFO; its warnings and errors are enough here.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def cmd_receive(args) -> int:
+    import signal
+
+    settings = _settings()
+    _log_to_stderr(args.log_level)
+    if args.qc != "queue":
+        prepare_prefect_env(settings)
+    from flows.receive import build_receiver
+
+    receiver = build_receiver(settings, qc=args.qc, watch_inbox=args.watch_inbox, port=args.port,
+                              ae_title=args.ae_title, max_associations=args.max_associations,
+                              bind_address=args.bind, stable_s=args.stable_s,
+                              tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                              tls_key=Path(args.tls_key) if args.tls_key else None,
+                              tls_ca=Path(args.tls_ca) if args.tls_ca else None)
+    # SIGTERM (service manager, `kill`) shuts down like Ctrl-C: associations end, the ticker stops.
+    signal.signal(signal.SIGTERM, lambda *_: receiver._stop.set())
+    receiver.start()
+    print(f"corelab receive: {receiver.config.ae_title} listening on port {receiver.port}", file=sys.stderr,
+          flush=True)
+    receiver.serve_forever()
+    return 0
+
+
+def cmd_watch(args) -> int:
+    import time
+
+    settings = _settings()
+    _log_to_stderr(args.log_level)
+    from corelab.db import open_store
+    from corelab.inbox import inbox_dir, scan_inbox
+    from corelab.receiver import start_qc
+
+    engine = open_store(settings)
+    on_complete = None
+    if args.qc != "queue":
+        prepare_prefect_env(settings)
+        from flows.receive import QcStarter
+
+        on_complete = QcStarter(settings, mode=args.qc)
+    print(f"corelab watch: polling {inbox_dir(settings)}/<SITE>/ every {args.interval_s} s", file=sys.stderr,
+          flush=True)
+    while True:
+        summary = scan_inbox(settings, engine, settle_s=args.settle_s,
+                             on_series=lambda ids: start_qc(engine, ids, on_complete, actor="inbox"))
+        if args.once:
+            if on_complete is not None:
+                on_complete.join()
+            _print(args, summary)
+            return 0
+        time.sleep(args.interval_s)
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -244,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--spec", help="trial spec YAML (default: the demo trial)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("suv", parents=[common], help="SUVbw factors and SUV min/mean/max of PET series in a file or folder")
+    p.add_argument("path", help="a DICOM file or a folder (searched recursively)")
+    p.set_defaults(func=cmd_suv)
 
     p = sub.add_parser("settings", parents=[common], help="show the settings in force and the schema revision")
     p.set_defaults(func=cmd_settings)
@@ -270,6 +401,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True, help="the site that sent them")
     p.set_defaults(func=cmd_ingest)
 
+    qc_help = ("how to start QC of a completed series: flow (run the Prefect flow in this process), "
+               "deployment (hand it to the prefect.yaml deployment), queue (only mark it queued for the "
+               "nightly QC); default flow")
+    p = sub.add_parser("receive", help="run the DICOM node (Storage + Verification SCP) until stopped")
+    p.add_argument("--port", type=int, help="TCP port (default CORELAB_DICOM_PORT, 11112)")
+    p.add_argument("--ae-title", help="our AE title (default CORELAB_AE_TITLE, CORELAB)")
+    p.add_argument("--bind", default="", help="address to listen on (default: all interfaces)")
+    p.add_argument("--max-associations", type=int, default=16, help="concurrent associations (default 16)")
+    p.add_argument("--stable-s", type=float, help="seconds without a new object before a series is complete "
+                   "(default CORELAB_SERIES_STABLE_S, 60)")
+    p.add_argument("--tls-cert", help="DICOM TLS: our certificate (PEM)")
+    p.add_argument("--tls-key", help="DICOM TLS: our private key (PEM)")
+    p.add_argument("--tls-ca", help="DICOM TLS: CA that must have signed the senders' certificates")
+    p.add_argument("--watch-inbox", action="store_true", help="also poll <data dir>/inbox/<SITE>/ for file drops")
+    p.add_argument("--qc", choices=["flow", "deployment", "queue"], default="flow", help=qc_help)
+    p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("watch", parents=[common], help="poll the site inboxes <data dir>/inbox/<SITE>/ and ingest "
+                       "what settles there")
+    p.add_argument("--interval-s", type=float, default=5.0, help="seconds between polls (default 5)")
+    p.add_argument("--settle-s", type=float, default=2.0, help="an entry is taken after this long unchanged")
+    p.add_argument("--once", action="store_true", help="poll once, print what was ingested, and exit")
+    p.add_argument("--qc", choices=["flow", "deployment", "queue"], default="flow", help=qc_help)
+    p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    p.set_defaults(func=cmd_watch)
+
     p = sub.add_parser("series", help="received series")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = ssub.add_parser("list", parents=[common], help="every received series with its state and QC state")
@@ -292,8 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("accreditation", help="the scanner accreditation register")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = ssub.add_parser("list", parents=[common], help="accreditation per scanner and standard")
+    q = ssub.add_parser("list", parents=[common], help="accreditation per scanner and standard, with coming expiries")
+    q.add_argument("--within-days", type=int, default=30, help="warn of expiries within this many days (default 30)")
     q.set_defaults(func=cmd_accreditation_list)
+    q = ssub.add_parser("show", parents=[common],
+                        help="one scanner: its accreditations and the history of its phantom results")
+    q.add_argument("scanner", help="scanner code, e.g. A01-1")
+    q.set_defaults(func=cmd_accreditation_show)
 
     p = sub.add_parser("phantom", help="phantom analysis")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -301,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="folder of the phantom series' DICOM files")
     q.add_argument("--fill", required=True, help="fill sheet YAML")
     q.add_argument("--standard", default="EARL1", help="EARL1 or EARL2 (default EARL1)")
+    q.add_argument("--centres", help="sphere centres by hand, YAML/JSON {diameter_mm: [x, y, z]} in patient mm "
+                                     "(when automatic localisation fails)")
+    q.add_argument("--rc-peak", choices=["max_voxel", "max_mean"], default="max_voxel",
+                   help="RCpeak 1 mL sphere: centred on the hottest voxel (default) or where its mean is highest")
     q.set_defaults(func=cmd_phantom_analyze)
 
     p = sub.add_parser("audit", help="the audit log")
@@ -318,6 +485,7 @@ def _version() -> str:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input a user can fix: printed as one clear line, exit status 2."""
+    from accreditation.evaluate import CentresFileError
     from accreditation.standards import StandardError
     from corelab.dicomio import DicomVolumeError
     from corelab.register import RegisterError
@@ -327,7 +495,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from phantoms.fill import FillSheetError
 
     return (SettingsError, RegisterError, ManualError, FillSheetError, StandardError, DicomVolumeError,
-            PhantomLocalisationError, FileNotFoundError)
+            PhantomLocalisationError, FileNotFoundError, CentresFileError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ A fill sheet is a YAML file the site sends with its phantom scan::
     scanner: A01-1                 # optional: the core lab's scanner code
     sphere_kbq_ml: 20.0            # NEMA IEC: sphere fill at reference_time
     background_kbq_ml: 2.0         # NEMA IEC: background fill at reference_time
+    lung_kbq_ml: 0.0               # NEMA IEC, optional: lung insert fill (normally cold)
     concentration_kbq_ml: 5.0      # uniform cylinder: fill at reference_time
     reference_time: 2031-03-04T09:15:00   # ISO 8601, when the concentrations above held
     radionuclide: F-18
@@ -37,6 +38,7 @@ class FillSheet:
     concentrations_kbq_ml: dict[str, float]
     scanner: str | None = None
     source: str = ""
+    half_life_given: bool = False
 
     def decay_factor(self, scan_time: dt.datetime | None) -> float:
         """Fraction of the reference-time activity left at ``scan_time`` (1.0 when unknown)."""
@@ -90,7 +92,7 @@ def parse_fill_sheet(doc: dict, *, source: str = "fill sheet") -> FillSheet:
             concentrations[key] = value
     return FillSheet(kind=kind, reference_time=reference_time, radionuclide=str(doc["radionuclide"]),
                      half_life_s=float(half_life), concentrations_kbq_ml=concentrations,
-                     scanner=doc.get("scanner"), source=source)
+                     scanner=doc.get("scanner"), source=source, half_life_given=bool(doc.get("half_life_s")))
 
 
 def load_fill_sheet(path: Path) -> FillSheet:

@@ -6,22 +6,27 @@ from prefect import task
 from sqlmodel import select
 
 from accreditation.evaluate import evaluate_series_folder, record_evaluation
+from accreditation.register import expiring_accreditations
 from corelab.db import session_scope
 from corelab.ingest import series_dir
-from corelab.models import Series
+from corelab.models import Scanner, Series
 from corelab.settings import load_settings
 from phantoms.fill import load_fill_sheet
 
 
 @task(name="find-phantom-series", task_run_name="find phantom series")
-def find_phantom_series(pending_only: bool = True) -> list[tuple[int, str]]:
+def find_phantom_series(pending_only: bool = True) -> list[tuple[int, str, str]]:
+    """Received phantom series: ``(series id, series UID, scanner code)``."""
     with session_scope(load_settings()) as session:
+        scanners = {s.id: s.code for s in session.exec(select(Scanner))}
         rows = session.exec(select(Series).where(Series.kind == "phantom", Series.state == "complete")).all()
-        return [(s.id, s.series_uid) for s in rows if not pending_only or s.qc_state != "done"]
+        return [(s.id, s.series_uid, scanners.get(s.scanner_id, "unknown scanner")) for s in rows
+                if not pending_only or s.qc_state != "done"]
 
 
-@task(name="accredit-phantom", task_run_name="phantom {series_uid}", retries=1, retry_delay_seconds=[5])
-def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str) -> dict:
+@task(name="accredit-phantom", task_run_name="phantom of {scanner} ({series_uid})", retries=1,
+      retry_delay_seconds=[5])
+def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str, scanner: str = "") -> dict:
     """Analyse one phantom series against ``standard``, store the result, update the register."""
     settings = load_settings()
     with session_scope(settings) as session:
@@ -30,11 +35,19 @@ def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str)
         fill_path = folder / "fill.yaml"
         if not fill_path.is_file():
             series.qc_state = "failed"
-            return {"series_uid": series_uid, "verdict": "error",
+            return {"series_uid": series_uid, "scanner": scanner, "verdict": "error",
                     "error": f"phantom series {series_uid} came without a fill sheet; send the fill sheet "
                              "(X.fill.yaml beside the series folder X) and release the series again"}
         evaluation = evaluate_series_folder(folder, load_fill_sheet(fill_path), standard=standard)
         result, acc = record_evaluation(session, series, evaluation, scope=scope)
-        return {"series_uid": series_uid, "scanner_id": series.scanner_id, "kind": evaluation.kind,
-                "verdict": evaluation.verdict, "phantom_result_id": result.id,
-                "accreditation": acc.status if acc else None, "metrics": evaluation.metrics}
+        return {"series_uid": series_uid, "scanner_id": series.scanner_id, "scanner": scanner,
+                "kind": evaluation.kind, "verdict": evaluation.verdict, "phantom_result_id": result.id,
+                "accreditation": acc.status if acc else None, "valid_until": acc.valid_until.isoformat() if acc and acc.valid_until else None,
+                "metrics": evaluation.metrics, "checks": evaluation.checks}
+
+
+@task(name="coming-expiries", task_run_name="accreditations expiring within {within_days} days")
+def coming_expiries(within_days: int = 30) -> list[dict]:
+    """Accreditations whose validity ends within ``within_days`` (or has just ended)."""
+    with session_scope(load_settings()) as session:
+        return expiring_accreditations(session, within_days=within_days)

@@ -35,7 +35,7 @@ def _row(uid, **over):
             "weight_kg": 70.0, "suv_factor_g_per_bq": 2e-4, "activity_mbq": 250.0, "activity_mbq_per_kg": 3.6,
             "uptake_min": 61.0, "uptake_diff_vs_baseline_min": None, "same_scanner_as_baseline": None,
             "scanner_accredited": True, "software_matches_register": True, "slices_missing": 0,
-            "same_reconstruction_as_baseline": None, "days_since_baseline": None}
+            "same_reconstruction_as_baseline": None, "days_since_baseline": None, "header_problems": ""}
     return {**base, **over}
 
 
@@ -53,6 +53,7 @@ def _row(uid, **over):
     ({"slices_missing": 1}, "series_complete"),
     ({"same_reconstruction_as_baseline": False}, "same_reconstruction_as_baseline"),
     ({"days_since_baseline": 70}, "followup_visit_window"),
+    ({"header_problems": "missing: DeviceSerialNumber"}, "header_complete"),
     ({"corrected_attn_decy": False}, "attenuation_and_decay_corrected"),
 ])
 def test_each_rule_fires_alone_in_one_batch(manual, over, rule):

@@ -1,0 +1,173 @@
+"""Throughput of the DICOM node against dcmtk's storescp, measured in the same run.
+
+2,000 synthetic PET slices (128 x 128, 16 bit, ~34 KB each) are sent by dcmtk ``storescu`` over
+loopback in one association, once to dcmtk ``storescp`` and once to corelab's receiver (in this
+process, the same code ``corelab receive`` runs). TCP_NODELAY is on for every side: dcmtk reads
+``TCP_NODELAY=1`` from its environment, corelab sets it on each accepted socket; without it both
+would measure the ~40 ms delayed-ACK timer rather than themselves.
+
+What is compared: storescp writes each file and answers (no fsync, no index). corelab answers
+only after the temporary file was fsynced and renamed, the directory fsynced, the object parsed,
+checked (de-identification, SOP class, truncation) and its row with the sha256 committed.
+Target: corelab at 0.5x storescp's throughput or better.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+N_SLICES = 2000
+MATRIX = 128
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout_s: float = 20.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def write_pet_series(outdir: Path, n: int = N_SLICES, matrix: int = MATRIX) -> list[Path]:
+    """``n`` de-identified PET slices of one series (PET Image Storage, Bq/mL, explicit VR LE)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 30000, size=(matrix, matrix), dtype=np.uint16).tobytes()
+    paths = []
+    for i in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.128"
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientName, ds.PatientID = "PT", "BENCH-001", "BENCH-001"
+        ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "PS3.15 E basic profile"
+        ds.PatientSex, ds.PatientWeight = "F", 70
+        ds.StudyDate = ds.SeriesDate = "20260101"
+        ds.SeriesTime = "100000"
+        ds.InstanceNumber, ds.NumberOfSlices, ds.ImageIndex = i + 1, n, i + 1
+        ds.ImagePositionPatient = [-300.0, -300.0, -2.0 * i]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [4.0, 4.0], 2.0
+        ds.Units, ds.DecayCorrection, ds.CorrectedImage = "BQML", "START", ["ATTN", "DECY"]
+        item = Dataset()
+        item.RadiopharmaceuticalStartDateTime = "20260101090000"
+        item.RadionuclideTotalDose, item.RadionuclideHalfLife = 250e6, 6586.2
+        ds.RadiopharmaceuticalInformationSequence = Sequence([item])
+        ds.Rows = ds.Columns = matrix
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, 0
+        ds.PixelData = pixels
+        path = outdir / f"pet{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _send(folder: Path, port: int, *, aet: str, aec: str) -> float:
+    env = dict(os.environ, TCP_NODELAY="1")
+    start = time.perf_counter()
+    proc = subprocess.run([STORESCU, "-aet", aet, "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return elapsed
+
+
+def bench_storescp(folder: Path, work: Path) -> float:
+    out = work / "storescp-out"
+    out.mkdir()
+    port = _free_port()
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen([STORESCP, "-aet", "STORESCP", "--output-directory", str(out), str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        elapsed = _send(folder, port, aet="BENCH", aec="STORESCP")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    received = sum(1 for _ in out.iterdir())
+    if received != N_SLICES:
+        raise RuntimeError(f"storescp wrote {received} of {N_SLICES} files")
+    return elapsed
+
+
+def bench_corelab(folder: Path, work: Path) -> float:
+    os.environ["CORELAB_DATA_DIR"] = str(work / "data")
+    from sqlmodel import select
+
+    from corelab.db import session_scope
+    from corelab.models import Instance
+    from corelab.receiver import Receiver, ReceiverConfig
+    from corelab.register import add_site
+    from corelab.settings import load_settings
+
+    settings = load_settings()
+    with session_scope(settings) as session:
+        add_site(session, code="BENCH", ae_title="BENCH")
+    # Completion is not part of the figure: the series stays "receiving" during the run.
+    receiver = Receiver(settings, ReceiverConfig(ae_title="CORELAB", port=0, bind_address="127.0.0.1",
+                                                 stable_s=3600)).start()
+    try:
+        elapsed = _send(folder, receiver.port, aet="BENCH", aec="CORELAB")
+    finally:
+        receiver.stop()
+    with session_scope(settings) as session:
+        stored = len(session.exec(select(Instance.id)).all())
+    if stored != N_SLICES:
+        raise RuntimeError(f"corelab indexed {stored} of {N_SLICES} instances")
+    return elapsed
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for tool in (STORESCU, STORESCP):
+        if not Path(tool).is_file():
+            raise SystemExit(f"{tool} is missing: install dcmtk (make system-deps)")
+    work = Path(tempfile.mkdtemp(prefix="corelab-bench-receive-"))
+    try:
+        files = write_pet_series(work / "pet")
+        size_kb = sum(p.stat().st_size for p in files) / len(files) / 1024
+        t_ref = bench_storescp(work / "pet", work)
+        t_corelab = bench_corelab(work / "pet", work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ref_rate, rate = N_SLICES / t_ref, N_SLICES / t_corelab
+    print(f"{N_SLICES} PET slices of {size_kb:.0f} KB, dcmtk storescu over loopback, TCP_NODELAY on every side")
+    print(f"{'receiver':10} {'seconds':>8} {'images/s':>9}")
+    print(f"{'storescp':10} {t_ref:8.2f} {ref_rate:9.0f}")
+    print(f"{'corelab':10} {t_corelab:8.2f} {rate:9.0f}")
+    print(f"ratio corelab/storescp throughput: {rate / ref_rate:.2f} (target >= 0.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Helpers for the receiver tests: dcmtk senders, small synthetic PET series, store queries."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from bench.receive import write_pet_series
+from corelab.models import AuditEvent, Instance, Series
+
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout_s: float = 30.0) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def small_series(outdir: Path, n: int, matrix: int = 8) -> list[Path]:
+    """``n`` de-identified PET slices (tiny images: the tests measure the protocol, not pixels)."""
+    return write_pet_series(outdir, n=n, matrix=matrix)
+
+
+def storescu(port: int, paths, *, aet: str, aec: str = "CORELAB", extra: tuple[str, ...] = (),
+             timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [STORESCU, "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, paths)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=DCMTK_ENV, timeout=timeout_s)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"storescu exit {proc.returncode}: {proc.stderr[-3000:]}")
+    return proc
+
+
+def echoscu(port: int, *, aet: str, aec: str = "CORELAB") -> subprocess.CompletedProcess:
+    return subprocess.run([ECHOSCU, "-aet", aet, "-aec", aec, "127.0.0.1", str(port)], capture_output=True,
+                          text=True, env=DCMTK_ENV, timeout=60)
+
+
+def instance_count(session: Session) -> int:
+    return session.exec(select(func.count()).select_from(Instance)).one()
+
+
+def assert_store_exact(session: Session, data_dir: Path, sop_uids: set[str]) -> None:
+    """Every SOP instance exactly once (version 1), and every file matches its sha256."""
+    rows = session.exec(select(Instance)).all()
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(sop_uids), "lost or duplicated instances"
+    assert {r.version for r in rows} == {1}
+    for row in rows:
+        data = (data_dir / row.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.sha256 and len(data) == row.size_bytes, row.path
+    assert not list(data_dir.rglob("*.partial")), "half-written files left behind"
+
+
+def qc_claims(session: Session, series_uid: str) -> int:
+    return len(session.exec(select(AuditEvent).where(AuditEvent.action == "series.qc_queued",
+                                                     AuditEvent.entity_id == series_uid)).all())
+
+
+def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.1, what: str = "condition"):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def series_by_uid(session: Session, uid: str) -> Series | None:
+    return session.exec(select(Series).where(Series.series_uid == uid)).first()
