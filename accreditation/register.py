@@ -30,8 +30,8 @@ from sqlmodel import Session, col, select
 
 from corelab import audit
 from corelab.models import Accreditation, AuditEvent, PhantomResult, Scanner, Series, Site, utcnow
+from corelab.register import REQUALIFICATION_ACTION, flag_requalification
 
-REQUALIFICATION_ACTION = "scanner.requalification"
 """Audit action that dates a scanner change."""
 
 
@@ -87,11 +87,7 @@ def require_requalification(session: Session, scanner_id: int, reason: str, *, a
     scanner = session.get(Scanner, scanner_id)
     if scanner is None:
         raise KeyError(f"no scanner with id {scanner_id}")
-    scanner.requalification_reason = reason
-    session.add(scanner)
-    session.flush()
-    audit.append(session, actor=actor, action=REQUALIFICATION_ACTION, entity="scanner", entity_id=scanner.id,
-                 detail={"scanner": scanner.code, "reason": reason})
+    flag_requalification(session, scanner, reason, actor=actor)
     accs = session.exec(select(Accreditation).where(Accreditation.scanner_id == scanner_id)).all()
     return [update_accreditation(session, scanner_id, standard=a.standard, scope=a.scope, cadence=cadence,
                                  actor=actor) for a in accs]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 PEER_REQUIREMENTS = ("pynemaiqpet==0.5.4", "pydicom<3")
-REPEATS = 3
+REPEATS = 7
 
 _PEER_SCRIPT = r'''
 import json, sys, time, statistics

@@ -14,6 +14,7 @@ so nothing identifying can reach the store, a log, an artifact or a report.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields
 
@@ -176,13 +177,18 @@ def is_phantom(ds: Dataset) -> bool:
         PHANTOM_ID.match(str(ds.get("PatientName", ""))))
 
 
+@functools.lru_cache(maxsize=16)
+def _tags_of(keywords: tuple[str, ...]) -> dict[int, str]:
+    return {tag_for_keyword(k): k for k in keywords if tag_for_keyword(k) is not None}
+
+
 def _identifying_elements(ds: Dataset, keywords: tuple[str, ...]) -> list[DeidFailure]:
     """Annex E attributes with a value, at any depth (an item of a sequence can carry them too).
 
     Looks up the wanted tags and descends only into sequences, so the other elements of the
     object stay unparsed (``iterall`` would decode every element: 1 ms per object).
     """
-    wanted = {tag_for_keyword(k): k for k in keywords if tag_for_keyword(k) is not None}
+    wanted = _tags_of(keywords)
     found: set[str] = set()
 
     def visit(item: Dataset, depth: int) -> None:

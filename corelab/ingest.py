@@ -28,6 +28,7 @@ from corelab.completeness import assess, slice_position_mm
 from corelab.deid import DeidPolicy, check_deidentified, is_phantom
 from corelab.models import (Instance, QuarantineItem, Scanner, Series, Site, Study, Subject, Trial, Visit,
                             utcnow)
+from corelab.register import flag_requalification
 from corelab.settings import Settings
 
 SOP_CLASSES: dict[str, str] = {
@@ -150,6 +151,9 @@ def parse_object(data: bytes, source: str):
         raise Rejected("truncated", f"{source}: the DICOM data ends early or is corrupt ({type(exc).__name__}); "
                                     "send the file again") from None
     missing = [kw for kw in REQUIRED_UIDS if not str(ds.get(kw, "")).strip()]
+    if len(missing) == len(REQUIRED_UIDS):  # bytes behind a preamble that decode to no DICOM at all
+        raise Rejected("not_dicom", f"{source}: not a DICOM object (none of {', '.join(REQUIRED_UIDS)} is "
+                                    "readable); send DICOM Part 10 files only")
     if missing:
         raise Rejected("missing_uid", f"{source}: missing {', '.join(missing)}; "
                                       "export the series again from the scanner or PACS")
@@ -195,13 +199,13 @@ def _scanner_for(session: Session, site: Site, ds) -> Scanner | None:
                                                      Scanner.model == key[1])).first()
         scanner = Scanner(site_id=site.id, code=f"{site.code}-{_SAFE.sub('_', key[2])}", manufacturer=key[0],
                           model=key[1], serial_number=key[2],
-                          software_versions=str(ds.get("SoftwareVersions", "")),
-                          requalification_reason=(
-                              f"new serial number {key[2]} for the {key[1]} registered at {site.code} as "
-                              f"{sibling.code} (serial {sibling.serial_number}): send phantom scans to qualify it"
-                          ) if sibling else None)
+                          software_versions=str(ds.get("SoftwareVersions", "")))
         session.add(scanner)
         session.flush()
+        if sibling is not None:
+            flag_requalification(session, scanner, (
+                f"new serial number {key[2]} for the {key[1]} registered at {site.code} as {sibling.code} "
+                f"(serial {sibling.serial_number}): send phantom scans to qualify it"), actor="ingest")
     scanner.last_seen = utcnow()
     return scanner
 

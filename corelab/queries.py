@@ -17,7 +17,8 @@ def series_rows(session: Session) -> list[dict]:
     return [{"series_uid": s.series_uid, "site": sites.get(s.site_id, ""), "scanner": scanners.get(s.scanner_id, ""),
              "kind": s.kind, "modality": s.modality, "instances": s.instance_count,
              "expected": s.expected_count if s.expected_count is not None else "", "state": s.state,
-             "qc_state": s.qc_state, "received_at": s.received_at, "completed_at": s.completed_at}
+             "qc_state": s.qc_state, "received_at": s.received_at, "completed_at": s.completed_at,
+             "completeness": "; ".join((s.completeness or {}).get("findings", []))}
             for s in session.exec(select(Series).order_by(col(Series.id)))]
 
 
@@ -49,6 +50,7 @@ def deviation_rows(session: Session, *, trial_code: str | None = None, site_code
     return [{"id": d.id, "trial": t.code if t else "", "site": site.code if site else "",
              "subject": subj.pseudonym if subj else "", "visit": v.label if v else "",
              "series_uid": s.series_uid, "rule_id": d.rule_id, "manual_section": d.manual_section,
+             "manual_version": d.manual_version,
              "severity": d.severity, "expected": d.expected, "observed": d.observed, "status": d.status,
              "message": d.message}
             for d, s, site, _study, v, subj, t in session.exec(query)]

@@ -116,3 +116,19 @@ def load_register(session: Session, path: Path, *,
                     serial_number=str(entry["serial"]), software_versions=str(entry.get("software_versions", "")))
         out["scanners"] += 1
     return out
+
+
+REQUALIFICATION_ACTION = "scanner.requalification"
+
+
+def flag_requalification(session: Session, scanner: Scanner, reason: str, *, actor: str) -> None:
+    """Record that a scanner changed and needs new phantom scans (reason kept until they pass).
+
+    The audit event dates the change: phantom results analysed before it do not re-qualify.
+    """
+    scanner.requalification_reason = reason
+    session.add(scanner)
+    session.flush()
+    audit.append(session, actor=actor, action=REQUALIFICATION_ACTION, entity="scanner", entity_id=scanner.id,
+                 detail={"scanner": scanner.code, "reason": reason})
+

@@ -14,10 +14,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as Sequence_
 
-from corelab.suv import SuvError, header_from_dataset, suvbw_factors
+from corelab.suv import SuvError, series_headers_from_datasets, suvbw_factors
 
 # name -> (type, unit, meaning). The order is the column order of exports.
 COLUMNS: dict[str, tuple[str, str, str]] = {
@@ -74,9 +77,10 @@ REQUIRED_ATTRIBUTES = ("Units", "DecayCorrection", "CorrectedImage", "Radiopharm
                        "ImageOrientationPatient", "Manufacturer", "ManufacturerModelName", "DeviceSerialNumber",
                        "SoftwareVersions")
 REQUIRED_DOSE_ATTRIBUTES = ("RadionuclideTotalDose", "RadionuclideHalfLife")
-# Must be the same on every slice of a series.
-CONSTANT_ATTRIBUTES = ("Units", "DecayCorrection", "PatientWeight", "SeriesDate", "SeriesTime",
-                       "ReconstructionMethod", "DeviceSerialNumber", "SoftwareVersions", "Rows", "Columns")
+# Must be the same on every slice of a series (includes every SUV input that is not per slice).
+CONSTANT_ATTRIBUTES = ("SOPClassUID", "Units", "DecayCorrection", "CorrectedImage", "PatientWeight", "SeriesDate",
+                       "SeriesTime", "RadiopharmaceuticalInformationSequence", "ReconstructionMethod",
+                       "DeviceSerialNumber", "SoftwareVersions", "Rows", "Columns")
 RECONSTRUCTION_COLUMNS = ("reconstruction_method", "iterations", "subsets", "convolution_kernel", "matrix")
 _ITERATIONS_SUBSETS = re.compile(r"(\d+)\s*i\s*(\d+)\s*s\b", re.IGNORECASE)
 
@@ -109,28 +113,51 @@ def _iso_date(value: Any) -> str | None:
     return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 and text.isdigit() else None
 
 
+def _comparable(ds: Dataset, tag: int):
+    """A value for comparing one attribute across slices without converting it when unread."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return ("absent", None)
+    if isinstance(elem, RawDataElement):
+        return ("raw", (elem.value or b"").rstrip(b" \x00"))
+    if isinstance(elem.value, Sequence_):  # compare the items' elements, still undecoded
+        return ("seq", tuple((t, _comparable(item, t)) for item in elem.value for t in item.keys()))
+    return ("value", _text(elem.value))
+
+
 def header_problems(datasets: Sequence[Dataset]) -> str:
     """Required attributes missing (on any slice) and attributes that differ between slices, as text.
 
     Empty string when the header is complete and consistent. Names attribute keywords only,
-    never values.
+    never values. Compares the undecoded bytes when it can: decoding every attribute of every
+    slice would cost more than reading the files.
     """
-    def blank(ds, keyword):
-        value = ds.get(keyword)
-        return value is None or value == "" or (hasattr(value, "__len__") and len(value) == 0)
-
-    missing = [k for k in REQUIRED_ATTRIBUTES if any(blank(ds, k) for ds in datasets)]
+    # Compare undecoded values first: decoding an attribute on one slice only would force the
+    # slow path (every slice decoded) for it.
+    differing = []
+    for keyword in CONSTANT_ATTRIBUTES:
+        tag = tag_for_keyword(keyword)
+        values = {_comparable(ds, tag) for ds in datasets}
+        if len({kind for kind, _ in values}) > 1:  # some slices decoded already: compare decoded
+            values = {_text(ds.get(keyword)) for ds in datasets}
+        if len(values) > 1:
+            differing.append(keyword)
+    missing = [k for k in REQUIRED_ATTRIBUTES
+               if any(tag_for_keyword(k) not in ds.keys() for ds in datasets) or _blank(datasets[0].get(k))]
     if "RadiopharmaceuticalInformationSequence" not in missing:
-        missing += [k for k in REQUIRED_DOSE_ATTRIBUTES
-                    if any(blank(ds.RadiopharmaceuticalInformationSequence[0], k) for ds in datasets)]
-    differing = [k for k in CONSTANT_ATTRIBUTES if k not in missing
-                 and len({_text(ds.get(k)) for ds in datasets}) > 1]
+        item = datasets[0].RadiopharmaceuticalInformationSequence[0]
+        missing += [k for k in REQUIRED_DOSE_ATTRIBUTES if _blank(item.get(k))]
+    differing = [k for k in differing if k not in missing]
     parts = []
     if missing:
         parts.append("missing: " + ", ".join(missing))
     if differing:
         parts.append("differ between slices: " + ", ".join(differing))
     return "; ".join(parts)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or value == "" or (hasattr(value, "__len__") and len(value) == 0)
 
 
 def slice_positions_mm(datasets: Sequence[Dataset]) -> np.ndarray:
@@ -158,6 +185,8 @@ def missing_slices(positions_mm: np.ndarray, *, expected: int | None) -> int:
 
 def header_row(datasets: Sequence[Dataset]) -> dict:
     """The header-table row of one PET series from its instances' headers."""
+    # First, before any attribute is decoded: the check compares undecoded bytes.
+    problems = header_problems(datasets)
     first = datasets[0]
     row: dict[str, Any] = {
         "series_uid": str(first.SeriesInstanceUID),
@@ -177,9 +206,9 @@ def header_row(datasets: Sequence[Dataset]) -> dict:
         "pixel_spacing_mm": _float((first.get("PixelSpacing") or [None])[0]),
         "slice_thickness_mm": _float(first.get("SliceThickness")),
         "n_slices": len(datasets),
-        "header_problems": header_problems(datasets),
         "frame_duration_s": (_float(first.get("ActualFrameDuration")) or 0) / 1000 or None,
     }
+    row["header_problems"] = problems
     row["iterations"], row["subsets"] = iterations_subsets(row["reconstruction_method"])
     expected = first.get("NumberOfSlices")
     row["expected_slices"] = int(expected) if expected else None
@@ -198,7 +227,7 @@ def header_row(datasets: Sequence[Dataset]) -> dict:
     row["activity_mbq"] = dose / 1e6 if dose else None
     row["activity_mbq_per_kg"] = (row["activity_mbq"] / row["weight_kg"]
                                   if row["activity_mbq"] and row["weight_kg"] else None)
-    row.update(_suv_columns(datasets))
+    row.update(_suv_columns(datasets, consistent="differ between slices" not in problems))
     return row
 
 
@@ -208,10 +237,10 @@ def _timing(result) -> dict:
             "scan_datetime": result.scan_datetime.isoformat() if result.scan_datetime else None}
 
 
-def _suv_columns(datasets: Sequence[Dataset]) -> dict:
+def _suv_columns(datasets: Sequence[Dataset], *, consistent: bool) -> dict:
     out = {"suv_factor_g_per_bq": None, "suv_error": None, "uptake_min": None, "injection_datetime": None,
            "scan_datetime": None}
-    headers = [header_from_dataset(ds) for ds in datasets]
+    headers = series_headers_from_datasets(datasets, consistent=consistent)
     try:
         result = suvbw_factors(headers)
     except SuvError as exc:

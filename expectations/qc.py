@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 from corelab import __version__, audit
 from corelab.models import Deviation, Instance, Scanner, Series, Site, Study, Subject, Trial, Visit, utcnow
 from corelab.queries import accredited_on
+from corelab.register import flag_requalification
 from corelab.settings import Settings
 from expectations.header_table import COLUMNS, add_cross_scan_columns, header_row
 from expectations.manual import Finding, Manual, validate
@@ -107,11 +108,9 @@ def flag_scanner_changes(session: Session, rows: list[dict], *, actor: str = "qc
         scanner = session.exec(select(Scanner).where(Scanner.code == row["scanner"])).one()
         if scanner.requalification_reason:
             continue
-        scanner.requalification_reason = (
+        flag_requalification(session, scanner, (
             f"SoftwareVersions {row['software_versions']!r} in series {row['series_uid']} differs from the "
-            f"registered {scanner.software_versions!r}: send new phantom scans for re-qualification")
-        audit.append(session, actor=actor, action="scanner.requalification_flagged", entity="scanner",
-                     entity_id=scanner.code, detail={"reason": scanner.requalification_reason})
+            f"registered {scanner.software_versions!r}: send new phantom scans for re-qualification"), actor=actor)
         flagged.append(scanner.code)
     return flagged
 

@@ -61,8 +61,8 @@ def _rc_table(r: dict) -> list[str]:
             note = "" if c["verified"] else " (unverified)"
             cells.append(f"{_fmt(c['value'])} [{c['low']:.2f}-{c['high']:.2f}] {_fmt(c['margin'], '+.3f')} "
                          f"{mark}{note}")
-        lines.append(f"| {s['diameter_mm']:g} | " + " | ".join(cells) +
-                     f" | {_fmt(s.get('percent_contrast'), '.1f')} | {_fmt(s.get('background_variability_pct'), '.2f')} |")
+        nema = f"{_fmt(s.get('percent_contrast'), '.1f')} | {_fmt(s.get('background_variability_pct'), '.2f')}"
+        lines.append(f"| {s['diameter_mm']:g} | " + " | ".join(cells) + f" | {nema} |")
     return lines
 
 

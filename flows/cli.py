@@ -142,7 +142,7 @@ def cmd_series_list(args) -> int:
     with session_scope(_settings()) as session:
         rows = series_rows(session)
     _print(args, rows, rows, ["series_uid", "site", "kind", "modality", "instances", "expected", "state",
-                              "qc_state"])
+                              "qc_state", "completeness"])
     return 0
 
 
@@ -253,6 +253,20 @@ def cmd_phantom_analyze(args) -> int:
                                     centres_mm=centres, rc_peak_placement=args.rc_peak).to_dict()
     _print(args, result)
     return 0 if result.get("verdict") == "pass" else 1
+
+
+def cmd_export(args) -> int:
+    from corelab.db import session_scope
+    from expectations.manual import trial_fields
+    from reports.exports import export_trial
+
+    settings = _settings()
+    out_dir = Path(args.out) if args.out else settings.exports_dir
+    with session_scope(settings) as session:
+        paths = export_trial(session, args.trial, out_dir, fmt=args.format,
+                             manual_version=trial_fields(args.trial).get("manual_version"))
+    _print(args, paths)
+    return 0
 
 
 def cmd_suv(args) -> int:
@@ -371,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--spec", help="trial spec YAML (default: the demo trial)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("export", parents=[common], help="export the header table and deviations (Parquet or CSV)")
+    p.add_argument("--trial", required=True, help="trial code")
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    p.add_argument("--out", help="folder (default: <data dir>/exports)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("suv", parents=[common], help="SUVbw factors and SUV min/mean/max of PET series in a file or folder")
     p.add_argument("path", help="a DICOM file or a folder (searched recursively)")

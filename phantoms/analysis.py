@@ -386,7 +386,10 @@ def _hot_components(
     if np.any(n < 2):
         f, n = np.ones(3, dtype=int), np.array(volume.shape)
     coarse = volume[: n[0] * f[0], : n[1] * f[1], : n[2] * f[2]]
-    coarse = coarse.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+    for axis, k in enumerate(f):  # block means, one axis at a time (strided sums: fast)
+        if k > 1:
+            parts = [coarse[(slice(None),) * axis + (slice(i, None, k),)] for i in range(k)]
+            coarse = sum(parts[1:], parts[0]) / k
     coarse_spacing = frame.spacing[::-1] * f  # (k, j, i)
     smooth = ndimage.gaussian_filter(coarse, np.maximum(0.0, 2.0 / coarse_spacing), truncate=3.0)
     labels, count = ndimage.label(smooth > threshold)
@@ -585,15 +588,28 @@ def _best_ball(volume, frame: _Frame, centre_xyz, within_mm: float, radius_mm: f
     return float(means[k]), frame.to_mm(kji)
 
 
-def _disc_mean(volume, frame: _Frame, plane: int, centre_xy, radius_mm: float) -> float | None:
+def _disc_mean(volume, frame: _Frame, plane: int, centre_xy, radius_mm: float, cache: dict | None = None
+               ) -> float | None:
+    """Area-weighted mean of a circle on one plane; None when the circle leaves the image.
+
+    ``cache`` (a dict) reuses the weights of a circle drawn at the same ``(x, y)`` (to 0.01 mm)
+    on several planes, as the background ROIs are.
+    """
     if not 0 <= plane < frame.shape[0]:
         return None
-    reg, w = _disc_weights(frame, plane, centre_xy, radius_mm)
+    key = (round(float(centre_xy[0]), 2), round(float(centre_xy[1]), 2), radius_mm)
+    if cache is not None and key in cache:
+        rows, cols, w, total = cache[key]
+    else:
+        reg, w = _disc_weights(frame, 0, centre_xy, radius_mm)
+        rows, cols, w, total = reg[1], reg[2], w[0], float(w.sum())
+        if cache is not None:
+            cache[key] = (rows, cols, w, total)
     # an ROI cut by the edge of the image is not used
     expected = math.pi * radius_mm**2 / (frame.spacing[0] * frame.spacing[1])
-    if w.sum() < 0.98 * expected:
+    if total < 0.98 * expected:
         return None
-    return float(np.sum(w * volume[reg]) / np.sum(w))
+    return float(np.sum(w * volume[plane, rows, cols]) / total)
 
 
 RC_PEAK_PLACEMENTS = ("max_voxel", "max_mean")
@@ -725,6 +741,7 @@ def analyze_nema_iec(
 
     spheres = []
     n_bg_used = 0
+    disc_cache: dict = {}
     for d in sorted(ph.sphere_diameters_mm):
         c = centres[d]
         voi = _a50_voi(volume, frame, c, 0.5 * d + search_margin_mm, background_kbq_ml)
@@ -741,7 +758,8 @@ def analyze_nema_iec(
             peak, peak_xyz = _best_ball(volume, frame, c, 0.5 * d, RC_PEAK_RADIUS_MM)
         hot_plane = plane_of(c)
         c_hot = _disc_mean(volume, frame, hot_plane, c[:2], 0.5 * d)
-        bg_means = [m for pl, xy in bg_rois if (m := _disc_mean(volume, frame, pl, xy, 0.5 * d)) is not None]
+        bg_means = [m for pl, xy in bg_rois
+                    if (m := _disc_mean(volume, frame, pl, xy, 0.5 * d, disc_cache)) is not None]
         n_bg_used = max(n_bg_used, len(bg_means))
         if len(bg_means) >= 2:
             c_b = float(np.mean(bg_means))
@@ -774,7 +792,7 @@ def analyze_nema_iec(
     c_b37 = spheres[-1].background_mean_kbq_ml if spheres else math.nan
     lung_planes, lung_pct = [], []
     for pl, xy in lung_rois:
-        m = _disc_mean(volume, frame, pl, xy, 0.5 * LUNG_ROI_DIAMETER_MM)
+        m = _disc_mean(volume, frame, pl, xy, 0.5 * LUNG_ROI_DIAMETER_MM, disc_cache)
         if m is not None and math.isfinite(c_b37):
             lung_planes.append(pl)
             lung_pct.append(m / c_b37 * 100.0)

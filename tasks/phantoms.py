@@ -42,7 +42,8 @@ def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str,
         result, acc = record_evaluation(session, series, evaluation, scope=scope)
         return {"series_uid": series_uid, "scanner_id": series.scanner_id, "scanner": scanner,
                 "kind": evaluation.kind, "verdict": evaluation.verdict, "phantom_result_id": result.id,
-                "accreditation": acc.status if acc else None, "valid_until": acc.valid_until.isoformat() if acc and acc.valid_until else None,
+                "accreditation": acc.status if acc else None,
+                "valid_until": acc.valid_until.isoformat() if acc and acc.valid_until else None,
                 "metrics": evaluation.metrics, "checks": evaluation.checks}
 
 

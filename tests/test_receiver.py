@@ -214,7 +214,8 @@ def test_recovery_removes_half_written_files_and_indexes_written_ones(settings, 
     assert recover(settings, engine) == {"partial_removed": 0, "reindexed": 0, "unattributed_removed": 0}
 
 
-def test_completion_after_restart_and_concurrent_tickers_claim_once(settings, tmp_path):
+def test_completion_after_restart_and_concurrent_tickers_claim_once(store_settings, tmp_path):
+    settings = store_settings
     with session_scope(settings) as session:
         add_site(session, code="S1", ae_title="SITE1")
     receiver = Receiver(settings, ReceiverConfig(port=0, bind_address="127.0.0.1", stable_s=0.5))
@@ -251,3 +252,70 @@ def test_inbox_is_polled_per_site_and_completes_at_once(settings, tmp_path):
         assert_store_exact(session, settings.data_dir, _uids([]) | {p.stem for p in []} | set(
             r.sop_instance_uid for r in session.exec(select(Instance))))
         assert instance_count(session) == len(files)
+
+
+def test_cli_watch_once_and_help(settings, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.setenv("CORELAB_DATA_DIR", str(settings.data_dir))
+    assert main(["site", "add", "S1", "--ae-title", "SITE1"]) == 0
+    files = small_series(inbox_dir(settings) / "S1" / "drop", 4)
+    old = time.time() - 10
+    for f in [*files, files[0].parent]:
+        os.utime(f, (old, old))
+    capsys.readouterr()
+    assert main(["watch", "--once", "--qc", "queue", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"stored": 4' in out
+    with session_scope(settings) as session:
+        assert session.exec(select(Series)).one().qc_state == "queued"
+    for command in (["receive", "--help"], ["watch", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == 0
+    assert "--max-associations" in capsys.readouterr().out
+
+
+def test_dicom_tls(settings, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    with session_scope(settings) as session:
+        add_site(session, code="S1", ae_title="SITE1")
+    receiver = Receiver(settings, ReceiverConfig(port=0, bind_address="127.0.0.1", stable_s=3600, tls_cert=cert,
+                                                 tls_key=key)).start()
+    try:
+        files = small_series(tmp_path / "s", 3)
+        storescu(receiver.port, files, aet="SITE1", extra=("+tla", "+cf", str(cert)))
+        plain = storescu(receiver.port, files[:1], aet="SITE1", check=False, timeout_s=60)
+        assert plain.returncode != 0  # no TLS, no association
+    finally:
+        receiver.stop()
+    with session_scope(settings) as session:
+        assert_store_exact(session, settings.data_dir, _uids(files))
+
+
+def test_concurrent_objects_of_one_new_series_make_one_series_on_both_backends(store_settings, tmp_path):
+    settings = store_settings
+    with session_scope(settings) as session:
+        add_site(session, code="S1", ae_title="SITE1")
+    receiver = Receiver(settings, ReceiverConfig(port=0, bind_address="127.0.0.1", stable_s=3600))
+    files = small_series(tmp_path / "s", 60)
+    blobs = [f.read_bytes() for f in files]
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def send(part: int) -> None:
+        barrier.wait()
+        try:
+            for f, blob in list(zip(files, blobs))[part::6]:
+                receiver.store.accept(blob, sop_instance_uid=f.stem, site_id=1, source=f.name)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    with session_scope(settings) as session:
+        assert [s.instance_count for s in session.exec(select(Series))] == [60]
+        assert_store_exact(session, settings.data_dir, _uids(files))
