@@ -198,3 +198,51 @@ def test_new_serial_of_a_known_model_is_flagged(settings, trial_dir, truth, tmp_
         ingest_path(session, settings, drop, site_code=entry["site"])
         new = session.exec(select(Scanner).where(Scanner.serial_number == "REPLACED-0001")).one()
         assert new.site_id is not None and "new serial number REPLACED-0001" in new.requalification_reason
+
+
+def test_exports_and_report_carry_every_deviation(settings, trial_dir, truth, tmp_path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from reports.exports import deviation_schema, export_trial, header_table_schema
+    from reports.summary import render_trial_summary
+
+    _ingest_all(settings, trial_dir)
+    _accredit_all(settings, truth["trial_code"])
+    _qc(settings, load_manual(truth["trial_code"]))
+    with session_scope(settings) as session:
+        devs = deviation_rows(session, trial_code=truth["trial_code"])
+        n_pet = len(trial_pet_series(session, truth["trial_code"]))
+        paths = export_trial(session, truth["trial_code"], tmp_path / "x", fmt="parquet", manual_version="1.0.0")
+        csv_paths = export_trial(session, truth["trial_code"], tmp_path / "x", fmt="csv")
+        report = render_trial_summary(session, truth["trial_code"], tmp_path / "r", data_dir=settings.data_dir)
+    header = pq.read_table(paths["header_table"])
+    assert header.schema.equals(header_table_schema(), check_metadata=False) and header.num_rows == n_pet
+    assert header.schema.metadata[b"manual_version"] == b"1.0.0"
+    uptake = _pet(truth, "uptake_out_of_window")
+    row = next(r for r in header.to_pylist() if r["series_uid"] == uptake["series_uid"])
+    assert row["uptake_min"] == pytest.approx(uptake["truth"]["uptake_min"], abs=0.01)
+    exported = pq.read_table(paths["deviations"])
+    assert exported.schema.equals(deviation_schema(), check_metadata=False)
+    assert sorted(exported.column("id").to_pylist()) == sorted(d["id"] for d in devs)
+    assert pacsv.read_csv(csv_paths["deviations"]).num_rows == len(devs)
+    html = report.read_text()
+    majors = {d["series_uid"] for d in devs if d["severity"] == "major"}
+    assert f"{100 * len(majors) / n_pet:.0f} %" in html  # the trial-wide major rate
+    for d in devs:
+        assert d["rule_id"] in html and d["subject"] in html
+
+
+def test_suv_and_export_commands(monkeypatch, capsys, settings, trial_dir, truth):
+    from flows.cli import main
+
+    monkeypatch.setenv("CORELAB_DATA_DIR", str(settings.data_dir))
+    entry = _pet(truth)
+    assert main(["suv", str(trial_dir / entry["path"]), "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert abs(result["factor_g_per_bq"] / entry["truth"]["suvbw_factor_g_per_bq"] - 1) < 1e-6
+    assert main(["suv", str(trial_dir / _pet(truth, "wrong_units")["path"])]) == 1
+    assert "CNTS" in capsys.readouterr().out
+    assert main(["export", "--trial", truth["trial_code"], "--format", "csv", "--json"]) == 0
+    paths = json.loads(capsys.readouterr().out)
+    assert Path(paths["header_table"]).is_file() and Path(paths["deviations"]).parent == settings.exports_dir
