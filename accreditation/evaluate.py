@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 import yaml
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from accreditation.register import update_accreditation
 from accreditation.standards import load_standard, verdict
@@ -171,13 +171,28 @@ def evaluate_series_folder(folder: Path, fill: FillSheet, *, standard: str = "EA
 
 
 def record_evaluation(session: Session, series: Series, evaluation: PhantomEvaluation, *, scope: str):
-    """Store a phantom result and update the scanner's accreditation for the standard and scope."""
+    """Store a phantom result and update the scanner's accreditation for the standard and scope.
+
+    Idempotent: the same series, input checksum, standard version and corelab version is stored
+    once; recording it again returns the stored result.
+    """
+    input_sha256 = series.checksum or evaluation.input_sha256
+    stored = session.exec(select(PhantomResult).where(
+        PhantomResult.series_id == series.id, PhantomResult.input_sha256 == input_sha256,
+        PhantomResult.standard == evaluation.standard, PhantomResult.standard_version == evaluation.standard_version,
+        PhantomResult.corelab_version == evaluation.corelab_version)).first()
+    if stored is not None:
+        series.qc_state = "done"
+        acc = None
+        if series.scanner_id is not None:
+            acc = update_accreditation(session, series.scanner_id, standard=evaluation.standard, scope=scope)
+        return stored, acc
     result = PhantomResult(series_id=series.id, scanner_id=series.scanner_id, kind=evaluation.kind,
                            standard=evaluation.standard, standard_version=evaluation.standard_version,
                            verdict=evaluation.verdict, metrics={**evaluation.metrics, "checks": evaluation.checks,
                                                                 "notes": evaluation.notes},
                            fill=evaluation.fill, corelab_version=evaluation.corelab_version,
-                           input_sha256=series.checksum or evaluation.input_sha256, scan_date=evaluation.scan_date)
+                           input_sha256=input_sha256, scan_date=evaluation.scan_date)
     session.add(result)
     series.qc_state = "done"
     session.flush()

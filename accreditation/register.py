@@ -30,7 +30,7 @@ from sqlmodel import Session, col, select
 
 from corelab import audit
 from corelab.models import Accreditation, AuditEvent, PhantomResult, Scanner, Series, Site, utcnow
-from corelab.register import REQUALIFICATION_ACTION, flag_requalification
+from corelab.register import REQUALIFICATION_ACTION, flag_requalification, requalification_since  # noqa: F401
 
 """Audit action that dates a scanner change."""
 
@@ -67,17 +67,6 @@ def _newest(session: Session, scanner_id: int, kind: str, standard: str,
     if since is not None:
         rows = [r for r in rows if _aware(r.analysed_at) > since]
     return rows[0] if rows else None
-
-
-def requalification_since(session: Session, scanner: Scanner) -> dt.datetime | None:
-    """When the scanner's pending change happened (None when no change is pending)."""
-    if not scanner.requalification_reason:
-        return None
-    event = session.exec(select(AuditEvent).where(AuditEvent.action == REQUALIFICATION_ACTION,
-                                                  AuditEvent.entity == "scanner",
-                                                  AuditEvent.entity_id == str(scanner.id))
-                         .order_by(col(AuditEvent.id).desc())).first()
-    return _aware(event.at if event is not None else scanner.first_seen)
 
 
 def require_requalification(session: Session, scanner_id: int, reason: str, *, actor: str = "accreditation",
@@ -126,9 +115,7 @@ def update_accreditation(session: Session, scanner_id: int, *, standard: str, sc
             session.add(scanner)
             nema, cyl = nema_after, cyl_after
     evidence = [r.id for r in (nema, cyl) if r is not None]
-    if scanner is not None and scanner.requalification_reason:
-        status, valid_from, valid_until = "suspended", None, None
-    elif nema is None or cyl is None:
+    if nema is None or cyl is None:
         status, valid_from, valid_until = "pending", None, None
     elif nema.verdict == "pass" and cyl.verdict == "pass":
         status = "accredited"
@@ -139,6 +126,9 @@ def update_accreditation(session: Session, scanner_id: int, *, standard: str, sc
         status, valid_from, valid_until = "failed", None, None
     if status == "accredited" and valid_until < today:
         status = "expired"
+    if scanner is not None and scanner.requalification_reason:
+        # The validity window stays: it still covers what the scanner did before the change.
+        status = "suspended"
     after = (status, valid_from, valid_until, evidence)
     if cleared is not None:
         audit.append(session, actor=actor, action="scanner.requalified", entity="scanner", entity_id=scanner_id,

@@ -5,6 +5,8 @@ Rows are plain dicts of non-identifying values (pseudonyms, codes, UIDs, measure
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlmodel import Session, col, select
 
 from corelab.models import (Accreditation, Deviation, QuarantineItem, Scanner, Series, Site, Study, Subject,
@@ -66,12 +68,29 @@ def accreditation_rows(session: Session) -> list[dict]:
 
 
 def accredited_on(session: Session, scanner_id: int | None, *, standard: str, scope: str, on) -> bool:
-    """Whether the scanner holds an accreditation for ``standard`` and ``scope`` valid on date ``on``."""
+    """Whether the scanner was accredited for ``standard`` and ``scope`` at ``on``.
+
+    ``on`` is a date (a scan date) or an aware datetime (a receipt time). An accreditation counts
+    inside its validity window whatever it says today: an ``expired`` one covered the scans made
+    before it lapsed, and a ``suspended`` one (a scanner change awaiting new phantoms) still
+    covers what came before the change.
+    """
+    from corelab.register import requalification_since
+
     if scanner_id is None:
         return False
+    day = on.date() if isinstance(on, datetime) else on
     rows = session.exec(select(Accreditation).where(Accreditation.scanner_id == scanner_id,
                                                     Accreditation.standard == standard,
-                                                    Accreditation.scope == scope,
-                                                    Accreditation.status == "accredited")).all()
-    return any((a.valid_from is None or a.valid_from <= on) and (a.valid_until is None or on <= a.valid_until)
-               for a in rows)
+                                                    Accreditation.scope == scope)).all()
+    for acc in rows:
+        if acc.status not in ("accredited", "expired", "suspended") or acc.valid_from is None:
+            continue
+        if not (acc.valid_from <= day and (acc.valid_until is None or day <= acc.valid_until)):
+            continue
+        if acc.status != "suspended":
+            return True
+        since = requalification_since(session, session.get(Scanner, scanner_id))
+        if since is None or (on < since if isinstance(on, datetime) else day < since.date()):
+            return True
+    return False

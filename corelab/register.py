@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from corelab import audit
 from corelab.deid import DeidPolicy
-from corelab.models import Scanner, Site, Trial
+from corelab.models import AuditEvent, Scanner, Site, Trial
 
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash or control
 
@@ -81,7 +82,7 @@ def load_register(session: Session, path: Path, *,
         trial_code: FDG-RESP-01          # optional
         deid_policy: {private_tags: remove_all}   # optional, corelab.deid.DeidPolicy fields
         trial_name: ...
-        sites:    [{code: A01, ae_title: SITE_A01, name: ..., host: ...}]
+        sites:    [{code: A01, ae_title: SITE_A01, name: ..., host: ..., email: ...}]
         scanners: [{id: A01-1, site: A01, manufacturer: SIEMENS, model: ..., serial: ...,
                     software_versions: ...}]
 
@@ -104,6 +105,8 @@ def load_register(session: Session, path: Path, *,
             raise RegisterError(f"{path}: site #{i + 1} lacks {', '.join(missing)}")
         sites[entry["code"]] = add_site(session, code=entry["code"], ae_title=entry["ae_title"],
                                         host=entry.get("host"), name=entry.get("name", ""), actor="register")
+        if entry.get("email") and sites[entry["code"]].email != entry["email"]:
+            sites[entry["code"]].email = entry["email"]  # where its reports are e-mailed
         out["sites"] += 1
     for i, entry in enumerate(doc.get("scanners", [])):
         missing = [k for k in ("id", "site", "manufacturer", "model", "serial") if not entry.get(k)]
@@ -131,4 +134,16 @@ def flag_requalification(session: Session, scanner: Scanner, reason: str, *, act
     session.flush()
     audit.append(session, actor=actor, action=REQUALIFICATION_ACTION, entity="scanner", entity_id=scanner.id,
                  detail={"scanner": scanner.code, "reason": reason})
+
+
+def requalification_since(session: Session, scanner: Scanner) -> dt.datetime | None:
+    """When the scanner's pending change happened (None when no change is pending)."""
+    if not scanner.requalification_reason:
+        return None
+    event = session.exec(select(AuditEvent).where(AuditEvent.action == REQUALIFICATION_ACTION,
+                                                  AuditEvent.entity == "scanner",
+                                                  AuditEvent.entity_id == str(scanner.id))
+                         .order_by(col(AuditEvent.id).desc())).first()
+    when = event.at if event is not None else scanner.first_seen
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
 

@@ -46,7 +46,25 @@ class Settings:
         Start-up time-out of Prefect's ephemeral server; its default of 20 s is too short on
         a 2-core machine with a fresh Prefect home.
     task_workers : int
-        Upper bound on concurrently running Prefect tasks in one flow run.
+        Upper bound on concurrently running Prefect tasks in one flow run (threads, or Dask
+        workers of a local cluster).
+    dask : str
+        Fan-out on Dask: empty (default: threads in the flow's process), ``local`` (a local Dask
+        cluster of ``task_workers`` processes), or a scheduler address (``tcp://host:8786``) of a
+        cluster spanning machines.
+    smtp_host : str
+        SMTP server that e-mails reports to sites (``CORELAB_SMTP_HOST``); empty (the default):
+        reports go to the site outboxes only.
+    smtp_port : int
+        Its port (default 25).
+    smtp_from : str
+        Sender address of report e-mails.
+    smtp_user, smtp_password : str
+        Login, when the server asks for one (the password is masked in :meth:`as_dict`).
+    smtp_security : str
+        ``none``, ``starttls`` or ``ssl``.
+    trial_manager_email : str
+        Where the trial deviation reports are e-mailed (they never go to a site).
     """
 
     data_dir: Path = Path("corelab-data")
@@ -56,6 +74,14 @@ class Settings:
     series_stable_s: float = 60.0
     prefect_startup_timeout_s: int = 90
     task_workers: int = 2
+    dask: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "corelab@localhost"
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_security: str = "none"
+    trial_manager_email: str = ""
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
     # The data directory's layout: derived, never configured separately, so it cannot drift.
@@ -110,6 +136,8 @@ class Settings:
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, Path) else value
         out["database_url"] = _mask_password(self.database_url)
+        if self.smtp_password:
+            out["smtp_password"] = "***"
         return out
 
     def to_file(self, path: Path) -> Path:

@@ -86,7 +86,7 @@ def build_row(session: Session, settings: Settings, series: Series, manual: Manu
     row = header_row(series_headers(session, settings, series))
     row.update({k: v for k, v in ctx.items() if not k.startswith("_")})
     scanner = ctx["_scanner"]
-    on = series.received_at.date()
+    on = series.received_at  # aware UTC: compared with the time a scanner change was flagged
     if manual.accreditation_date == "scan" and row.get("study_date"):
         on = date.fromisoformat(row["study_date"])
     row["scanner_accredited"] = accredited_on(session, scanner.id if scanner else None, standard=manual.standard,
@@ -191,13 +191,20 @@ def record_findings(session: Session, manual: Manual, table: pd.DataFrame, findi
             dev.status, dev.updated_at = "resolved", now
             resolved.append({"deviation_id": dev.id, "series_uid": uid_of[series_id], "rule_id": rule_id})
     outcome.deviations_resolved = len(resolved)
+    judged = 0
     for uid, series in series_by_uid.items():
-        series.header_row = _json_row(rows[uid])
-        series.qc_state, series.qc_at, series.qc_manual_version = "done", now, manual.version
-    audit.append(session, actor=actor, action="qc.batch", entity="trial", entity_id=manual.trial,
-                 detail={"manual": manual.path.name, "manual_version": manual.version,
-                         "corelab_version": __version__, "series": len(rows), "new": outcome.deviations_new,
-                         "updated": outcome.deviations_updated, "resolved": resolved})
+        row = _json_row(rows[uid])
+        # Touch a series only when its judgement changed: a re-validation that finds the same
+        # thing leaves the store exactly as it was.
+        if (series.header_row, series.qc_state, series.qc_manual_version) != (row, "done", manual.version):
+            series.header_row, series.qc_state, series.qc_at, series.qc_manual_version = row, "done", now, manual.version
+            judged += 1
+    if judged or new or outcome.deviations_updated or resolved:
+        audit.append(session, actor=actor, action="qc.batch", entity="trial", entity_id=manual.trial,
+                     detail={"manual": manual.path.name, "manual_version": manual.version,
+                             "corelab_version": __version__, "series": len(rows), "judged": judged,
+                             "new": outcome.deviations_new, "updated": outcome.deviations_updated,
+                             "resolved": resolved})
     return outcome
 
 

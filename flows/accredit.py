@@ -7,12 +7,15 @@ import math
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.alerts import HOOKS
+from flows.runners import task_runner
 from tasks.phantoms import accredit_phantom, coming_expiries, find_phantom_series
 
 _METRIC_NAMES = {"rc_mean": "RCmean (A50)", "rc_max": "RCmax", "rc_peak": "RCpeak (1 mL)"}
 
 
-@flow(name="accredit-scanners", flow_run_name="accredit {scope} ({standard})", log_prints=True)
+@flow(name="accredit-scanners", flow_run_name="accredit {scope} ({standard})", log_prints=True,
+      task_runner=task_runner(), **HOOKS)
 def accredit_scanners(scope: str, standard: str = "EARL1", series: list[tuple] | None = None,
                       warn_days: int = 30) -> list[dict]:
     """Analyse received phantom series (all pending ones by default) and update the register.

@@ -320,18 +320,49 @@ def cmd_receive(args) -> int:
         prepare_prefect_env(settings)
     from flows.receive import build_receiver
 
-    receiver = build_receiver(settings, qc=args.qc, watch_inbox=args.watch_inbox, port=args.port,
-                              ae_title=args.ae_title, max_associations=args.max_associations,
-                              bind_address=args.bind, stable_s=args.stable_s,
-                              tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-                              tls_key=Path(args.tls_key) if args.tls_key else None,
-                              tls_ca=Path(args.tls_ca) if args.tls_ca else None)
+    receiver = build_receiver(settings, qc=args.qc, **_receiver_options(args))
     # SIGTERM (service manager, `kill`) shuts down like Ctrl-C: associations end, the ticker stops.
     signal.signal(signal.SIGTERM, lambda *_: receiver._stop.set())
     receiver.start()
     print(f"corelab receive: {receiver.config.ae_title} listening on port {receiver.port}", file=sys.stderr,
           flush=True)
     receiver.serve_forever()
+    return 0
+
+
+def _receiver_options(args) -> dict:
+    return dict(watch_inbox=args.watch_inbox, port=args.port, ae_title=args.ae_title,
+                max_associations=args.max_associations, bind_address=args.bind, stable_s=args.stable_s,
+                tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+                tls_key=Path(args.tls_key) if args.tls_key else None,
+                tls_ca=Path(args.tls_ca) if args.tls_ca else None)
+
+
+def cmd_serve(args) -> int:
+    settings = _settings()
+    _log_to_stderr(args.log_level)
+    prepare_prefect_env(settings)
+    from flows.serve import ServeSetupError, serve
+
+    try:
+        serve(settings, _receiver_options(args), only=args.deployment or None, limit=args.limit)
+    except ServeSetupError as exc:
+        print(f"corelab serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_alerts_install(args) -> int:
+    settings = _settings()
+    prepare_prefect_env(settings)
+    from flows.automations import AlertSetupError, install_alert_automation
+
+    try:
+        result = install_alert_automation(args.webhook)
+    except AlertSetupError as exc:
+        print(f"corelab alerts install: {exc}", file=sys.stderr)
+        return 2
+    _print(args, result.as_dict())
     return 0
 
 
@@ -439,6 +470,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     p.set_defaults(func=cmd_receive)
 
+    p = sub.add_parser("serve", help="one-machine core lab: the DICOM node plus the prefect.yaml deployments "
+                       "served with their schedules, in one process (needs PREFECT_API_URL)")
+    p.add_argument("--port", type=int, help="DICOM TCP port (default CORELAB_DICOM_PORT, 11112)")
+    p.add_argument("--ae-title", help="our AE title (default CORELAB_AE_TITLE, CORELAB)")
+    p.add_argument("--bind", default="", help="address to listen on (default: all interfaces)")
+    p.add_argument("--max-associations", type=int, default=16, help="concurrent associations (default 16)")
+    p.add_argument("--stable-s", type=float, help="seconds without a new object before a series is complete "
+                   "(default CORELAB_SERIES_STABLE_S, 60)")
+    p.add_argument("--tls-cert", help="DICOM TLS: our certificate (PEM)")
+    p.add_argument("--tls-key", help="DICOM TLS: our private key (PEM)")
+    p.add_argument("--tls-ca", help="DICOM TLS: CA that must have signed the senders' certificates")
+    p.add_argument("--watch-inbox", action="store_true", help="also poll <data dir>/inbox/<SITE>/ for file drops")
+    p.add_argument("--deployment", action="append", metavar="NAME",
+                   help="serve only this prefect.yaml deployment (repeatable; default: all of them)")
+    p.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
+    p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("alerts", help="loud failures: the Prefect automation that notifies on failed runs")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = ssub.add_parser("install", parents=[common], help="create or update (idempotent) the automation that "
+                        "calls a webhook for every Failed or Crashed flow run (needs PREFECT_API_URL)")
+    q.add_argument("--webhook", help="URL to POST the alert to (JSON); saved as the Prefect Webhook block "
+                   "corelab-alerts; omit to keep the one saved before")
+    q.set_defaults(func=cmd_alerts_install)
+
     p = sub.add_parser("watch", parents=[common], help="poll the site inboxes <data dir>/inbox/<SITE>/ and ingest "
                        "what settles there")
     p.add_argument("--interval-s", type=float, default=5.0, help="seconds between polls (default 5)")
@@ -494,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = ssub.add_parser("verify", parents=[common], help="recompute the hash chain and report any break")
     q.set_defaults(func=cmd_audit_verify)
+    from flows.cli_reports import add_commands as add_report_commands
+
+    add_report_commands(sub, common)  # query, deviation, report, sign
     return parser
 
 
@@ -513,9 +573,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from expectations.manual import ManualError
     from phantoms.analysis import PhantomLocalisationError
     from phantoms.fill import FillSheetError
+    from flows.cli_reports import user_errors as report_user_errors
 
     return (SettingsError, RegisterError, ManualError, FillSheetError, StandardError, DicomVolumeError,
-            PhantomLocalisationError, FileNotFoundError, CentresFileError)
+            PhantomLocalisationError, FileNotFoundError, CentresFileError) + report_user_errors()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 Generates the trial into the data directory, loads its register, ingests every site's drop,
 accredits every scanner from its phantom scans, checks every trial scan against the imaging
-manual, renders the trial summary report, and scores what was found against the ground truth.
+manual, renders and delivers the reports (accreditation per scanner, site QC per site, the trial
+deviation report), and scores what was found against the ground truth. A second run renders
+nothing new: a report whose content is unchanged keeps its newest version.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from corelab.settings import Settings, load_settings
 from flows.accredit import accredit_scanners
+from flows.alerts import HOOKS
 from flows.qc import qc_trial
 from tasks.ingest import ingest_drop, load_register_file
-from tasks.reports import render_trial_summary, score_demo
+from tasks.reports import render_accreditation_reports, render_site_qc_reports, render_trial_report, score_demo
 
 STEPS = ("generate the synthetic trial", "load the site register", "ingest the site drops",
-         "accredit the scanners", "check trial scans against the imaging manual", "render the report",
+         "accredit the scanners", "check trial scans against the imaging manual", "render and deliver the reports",
          "score against the ground truth")
 
 
@@ -65,7 +68,7 @@ def demo_first_scan_date(today: dt.date | None = None) -> str:
     return ((today or dt.date.today()) - dt.timedelta(days=21)).isoformat()
 
 
-@flow(name="demo", flow_run_name="demo seed {seed}")
+@flow(name="demo", flow_run_name="demo seed {seed}", **HOOKS)
 def demo(seed: int = 0, first_scan_date: str | None = None, quiet: bool = False) -> dict:
     settings = load_settings()
     progress = _Progress(quiet)
@@ -83,7 +86,9 @@ def demo(seed: int = 0, first_scan_date: str | None = None, quiet: bool = False)
     progress.step(4)
     qc = qc_trial(trial["trial"])
     progress.step(5)
-    report = render_trial_summary(trial["trial"])
+    accreditation_reports = render_accreditation_reports(trial["trial"])
+    site_reports = render_site_qc_reports(trial["trial"])
+    report = render_trial_report(trial["trial"])
     progress.step(6)
     score = score_demo(str(outdir / "ground_truth.json"), trial["trial"])
     progress.step(7)
@@ -98,6 +103,8 @@ def demo(seed: int = 0, first_scan_date: str | None = None, quiet: bool = False)
                      "fail": sum(p["verdict"] == "fail" for p in phantoms)},
         "qc": {k: v for k, v in qc.items() if k != "findings"},
         "report": report,
+        "reports": {r["key"]: {"kind": r["kind"], "version": r["version"], "status": r["status"], "pdf": r["pdf"]}
+                    for r in accreditation_reports + site_reports},
         "ground_truth_score": score,
         "elapsed_s": round(time.monotonic() - progress.start, 1),
     }

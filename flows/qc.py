@@ -5,17 +5,19 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from flows.alerts import HOOKS
+from flows.runners import task_runner
 from tasks.qc import find_trial_series, mark_non_pet_done, qc_batch
 
 BATCH_SIZE = 200  # one GX run per batch: 10,000 rows x 20 rules validate in under a second
 
 
-@flow(name="qc-trial", flow_run_name="qc {trial_code}", log_prints=True)
+@flow(name="qc-trial", flow_run_name="qc {trial_code}", log_prints=True, task_runner=task_runner(), **HOOKS)
 def qc_trial(trial_code: str, series_ids: list[int] | None = None, pending_only: bool = True) -> dict:
     """Validate trial PET series against the imaging manual and record the deviations."""
     ids = series_ids if series_ids is not None else find_trial_series(trial_code, pending_only)
     batches = [ids[i:i + BATCH_SIZE] for i in range(0, len(ids), BATCH_SIZE)]
-    results = [qc_batch(trial_code, batch, len(batch)) for batch in batches]
+    results = [f.result() for f in [qc_batch.submit(trial_code, batch, len(batch)) for batch in batches]]
     mark_non_pet_done()
     findings = [f for r in results for f in r["findings"]]
     summary = {"trial": trial_code, "series": len(ids),

@@ -6,6 +6,7 @@ file carries the corelab version, the export time and the trial in its schema me
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pyarrow as pa
@@ -69,9 +70,26 @@ def export_trial(session: Session, trial_code: str, out_dir: Path, *, fmt: str =
     paths = {}
     for name, table in tables.items():
         path = out_dir / f"{trial_code}_{name}.{fmt}"
-        if fmt == "parquet":
-            pq.write_table(table, path)
-        else:
-            pacsv.write_csv(table, path)
+        if not _same_content(path, table, fmt):  # unchanged data keeps its file (and timestamp)
+            if fmt == "parquet":
+                pq.write_table(table, path)
+            else:
+                pacsv.write_csv(table, path)
         paths[name] = str(path)
     return paths
+
+
+def _same_content(path: Path, table: pa.Table, fmt: str) -> bool:
+    """Whether ``path`` already holds ``table`` (Parquet: same rows and manual version; CSV: same bytes)."""
+    if not path.is_file():
+        return False
+    if fmt == "csv":
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        return path.read_bytes() == buf.getvalue()
+    try:
+        old = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError):
+        return False
+    version = (table.schema.metadata or {}).get(b"manual_version")
+    return old.equals(table, check_metadata=False) and (old.schema.metadata or {}).get(b"manual_version") == version

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from pathlib import Path
+
+import yaml
 from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from sqlmodel import select
 
 from accreditation.evaluate import evaluate_series_folder, record_evaluation
@@ -11,7 +16,7 @@ from corelab.db import session_scope
 from corelab.ingest import series_dir
 from corelab.models import Scanner, Series
 from corelab.settings import load_settings
-from phantoms.fill import load_fill_sheet
+from phantoms.fill import parse_fill_sheet
 
 
 @task(name="find-phantom-series", task_run_name="find phantom series")
@@ -24,21 +29,42 @@ def find_phantom_series(pending_only: bool = True) -> list[tuple[int, str, str]]
                 if not pending_only or s.qc_state != "done"]
 
 
+def _fill_error(series_uid: str, scanner: str) -> dict:
+    return {"series_uid": series_uid, "scanner": scanner, "verdict": "error",
+            "error": f"phantom series {series_uid} came without a fill sheet; send the fill sheet "
+                     "(X.fill.yaml beside the series folder X) and release the series again"}
+
+
+@task(name="analyze-phantom", task_run_name="analyse phantom of {scanner}",
+      cache_policy=INPUTS + TASK_SOURCE, persist_result=True, cache_expiration=dt.timedelta(days=400))
+def analyze_phantom(folder: str, fill_sheet: str, standard: str, input_sha256: str, scanner: str = ""):
+    """Analyse one phantom series folder against ``standard``.
+
+    Cached on its inputs: the series checksum (``input_sha256``) and the fill sheet's text are
+    among them, so a re-run over unchanged data does not recompute the phantom, and changed
+    images or fill values do.
+    """
+    fill = parse_fill_sheet(yaml.safe_load(fill_sheet) or {}, source=f"{folder}/fill.yaml")
+    return evaluate_series_folder(Path(folder), fill, standard=standard)
+
+
 @task(name="accredit-phantom", task_run_name="phantom of {scanner} ({series_uid})", retries=1,
       retry_delay_seconds=[5])
 def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str, scanner: str = "") -> dict:
-    """Analyse one phantom series against ``standard``, store the result, update the register."""
+    """Analyse one phantom series (cached), store the result once, update the register."""
     settings = load_settings()
     with session_scope(settings) as session:
         series = session.get(Series, series_id)
         folder = series_dir(settings, series, session)
-        fill_path = folder / "fill.yaml"
-        if not fill_path.is_file():
-            series.qc_state = "failed"
-            return {"series_uid": series_uid, "scanner": scanner, "verdict": "error",
-                    "error": f"phantom series {series_uid} came without a fill sheet; send the fill sheet "
-                             "(X.fill.yaml beside the series folder X) and release the series again"}
-        evaluation = evaluate_series_folder(folder, load_fill_sheet(fill_path), standard=standard)
+        checksum = series.checksum or ""
+    fill_path = folder / "fill.yaml"
+    if not fill_path.is_file():
+        with session_scope(settings) as session:
+            session.get(Series, series_id).qc_state = "failed"
+        return _fill_error(series_uid, scanner)
+    evaluation = analyze_phantom(str(folder), fill_path.read_text(), standard, checksum, scanner)
+    with session_scope(settings) as session:
+        series = session.get(Series, series_id)
         result, acc = record_evaluation(session, series, evaluation, scope=scope)
         return {"series_uid": series_uid, "scanner_id": series.scanner_id, "scanner": scanner,
                 "kind": evaluation.kind, "verdict": evaluation.verdict, "phantom_result_id": result.id,

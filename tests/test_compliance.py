@@ -205,7 +205,8 @@ def test_exports_and_report_carry_every_deviation(settings, trial_dir, truth, tm
     import pyarrow.parquet as pq
 
     from reports.exports import deviation_schema, export_trial, header_table_schema
-    from reports.summary import render_trial_summary
+    from reports.render import render_report
+    from reports.trial import trial_deviation_report
 
     _ingest_all(settings, trial_dir)
     _accredit_all(settings, truth["trial_code"])
@@ -215,7 +216,8 @@ def test_exports_and_report_carry_every_deviation(settings, trial_dir, truth, tm
         n_pet = len(trial_pet_series(session, truth["trial_code"]))
         paths = export_trial(session, truth["trial_code"], tmp_path / "x", fmt="parquet", manual_version="1.0.0")
         csv_paths = export_trial(session, truth["trial_code"], tmp_path / "x", fmt="csv")
-        report = render_trial_summary(session, truth["trial_code"], tmp_path / "r", data_dir=settings.data_dir)
+        report = render_report(session, trial_deviation_report(session, truth["trial_code"], exports=paths),
+                               data_dir=settings.data_dir, reports_dir=settings.reports_dir).html
     header = pq.read_table(paths["header_table"])
     assert header.schema.equals(header_table_schema(), check_metadata=False) and header.num_rows == n_pet
     assert header.schema.metadata[b"manual_version"] == b"1.0.0"

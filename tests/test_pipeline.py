@@ -114,3 +114,42 @@ def test_no_planted_identifier_reaches_store_or_reports(demo_runs):
     for path in produced:
         data = path.read_bytes()
         assert not any(part in data for part in parts), f"planted identifier found in {path}"
+
+
+def _tree(root: Path, skip: tuple[str, ...]) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+
+
+@pytest.fixture(scope="module")
+def nightly_runs(demo_runs):
+    from flows.nightly import nightly_qc
+
+    settings = demo_runs[0]
+    # Prefect's home and the GX project keep a history of runs by design; corelab's own state
+    # (store, reports, exports, snapshots) is what must not change.
+    skip = ("prefect", "gx", "corelab.db")
+    first = nightly_qc(trial_code="FDG-RESP-01")
+    counts_first, tree_first = _counts(settings), _tree(settings.data_dir, skip)
+    second = nightly_qc(trial_code="FDG-RESP-01")
+    return first, second, counts_first, _counts(settings), tree_first, _tree(settings.data_dir, skip)
+
+
+def test_nightly_revalidates_the_day_and_writes_a_snapshot(nightly_runs, demo_runs):
+    first, _, _, _, _, _ = nightly_runs
+    settings = demo_runs[0]
+    assert first["revalidated"] == demo_runs[1]["qc"]["series"] > 0
+    assert first["snapshot"]["written"] and Path(first["snapshot"]["header_table"]).is_file()
+    assert first["drift_alarms"] == []  # the demo's calibration errors are 0 % and +3 %
+    charts = sorted((settings.reports_dir / "calibration").glob("*.png"))
+    assert [c.stem for c in charts] == ["A01-1", "A01-2", "B02-1", "C03-1"]
+
+
+def test_second_nightly_run_changes_nothing(nightly_runs):
+    first, second, counts_first, counts_second, tree_first, tree_second = nightly_runs
+    assert counts_second == counts_first
+    assert tree_second == tree_first
+    assert second["snapshot"]["written"] is False
+    assert (second["deviations_new"], second["deviations_updated"], second["deviations_resolved"]) == (0, 0, 0)

@@ -10,7 +10,6 @@ import random
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from sqlmodel import select
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from corelab.db import open_store, session_scope
 from corelab.register import add_site
