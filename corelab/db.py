@@ -95,11 +95,6 @@ def open_store(settings: Settings | None = None) -> Engine:
 
 @contextlib.contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    with Session(open_store(settings), expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    """A session on the migrated store that commits on success and rolls back on error."""
+    with transaction(open_store(settings)) as session:
+        yield session

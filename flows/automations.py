@@ -71,6 +71,17 @@ def install_alert_automation(webhook_url: str | None = None) -> InstallResult:
 
     Without ``webhook_url`` the block saved by an earlier install is kept.
     """
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        return _install(webhook_url)
+    except httpx.TransportError as exc:
+        raise AlertSetupError(f"the Prefect server at {PREFECT_API_URL.value()} is not reachable ({exc}); "
+                              "is `prefect server start` running?") from None
+
+
+def _install(webhook_url: str | None) -> InstallResult:
     from prefect.blocks.webhook import Webhook
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound

@@ -13,7 +13,7 @@ from flows.qc import BATCH_SIZE
 from flows.runners import task_runner
 from tasks.nightly import calibration_drift, parquet_snapshot, recent_trial_series, refresh_register
 from tasks.qc import qc_batch
-from tasks.reports import render_trial_summary
+from tasks.reports import render_site_qc_reports, render_trial_report
 
 
 @flow(name="nightly-qc", flow_run_name="nightly QC {trial_code}", log_prints=True, task_runner=task_runner(),
@@ -25,7 +25,8 @@ def nightly_qc(trial_code: str = "FDG-RESP-01", since_hours: float = 24.0) -> di
     qc = [f.result() for f in [qc_batch.submit(trial_code, batch, len(batch)) for batch in batches]]
     register = refresh_register()
     drift = calibration_drift()
-    report = render_trial_summary(trial_code)
+    site_reports = render_site_qc_reports(trial_code)
+    report = render_trial_report(trial_code)
     snapshot = parquet_snapshot(trial_code)
     summary = {
         "trial": trial_code, "revalidated": len(ids),
@@ -35,7 +36,7 @@ def nightly_qc(trial_code: str = "FDG-RESP-01", since_hours: float = 24.0) -> di
         "register_changes": register["changed"], "expiring": register["expiring"],
         "requalification": register["requalification"],
         "drift_alarms": [d["scanner"] for d in drift if d["alarm"]],
-        "report": report, "snapshot": snapshot,
+        "report": report, "site_reports": [r.get("html") for r in site_reports], "snapshot": snapshot,
     }
     create_table_artifact(key=f"calibration-qc-{trial_code.lower()}",
                           table=[{k: d[k] for k in ("scanner", "level", "reason", "chart")} for d in drift],

@@ -2,16 +2,16 @@
 
 The DICOM receiver (:func:`flows.receive.build_receiver` with ``qc="deployment"``) and a Prefect
 runner that serves the deployments of ``prefect.yaml`` (same names, parameters, schedules and
-concurrency limits; no work pool: the runner itself polls for their runs and starts each in a
-subprocess). A completed series is handed to the served ``qc-trial`` / ``accredit-scanners``
-deployment, and the nightly QC runs on its cron schedule.
+concurrency limits; no worker: the runner itself polls the server for their runs and starts each
+in a subprocess). A completed series is handed to the served ``qc-trial`` /
+``accredit-scanners`` deployment, and the nightly QC runs on its cron schedule.
 
 It needs a Prefect server (``PREFECT_API_URL``): Prefect's ephemeral mode has no scheduler, so
 the nightly QC would silently never run. SIGINT or SIGTERM stops it: the receiver ends its
 associations, flow runs still in progress are cancelled, and the served deployments' schedules
-are *paused* (as Prefect's ``serve`` does on shutdown); the next ``corelab serve`` resumes them. For production, deploy with
-``prefect deploy --all`` and run a worker on the ``corelab-process`` pool instead: schedules then
-keep running on the server whatever happens to a worker.
+are *paused* (as Prefect's ``serve`` does on shutdown); the next ``corelab serve`` resumes them.
+For production, deploy with ``prefect --no-prompt deploy --all`` and run a worker on the
+``corelab-process`` pool instead: the schedules then keep running whatever happens to a worker.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def serve(settings, receiver_options: dict, *, only: list[str] | None = None, li
     """Register the deployments, start the receiver, run the Prefect runner until a signal stops it."""
     import asyncio
 
+    import httpx
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
     from prefect.settings import PREFECT_API_URL
@@ -134,5 +135,8 @@ def serve(settings, receiver_options: dict, *, only: list[str] | None = None, li
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         asyncio.run(main())
+    except httpx.TransportError as exc:
+        raise ServeSetupError(f"the Prefect server at {PREFECT_API_URL.value()} is not reachable ({exc}); "
+                              "is `prefect server start` running?") from None
     except KeyboardInterrupt:  # while starting, before the signal handlers were in place
         LOG.info("corelab serve: interrupted")

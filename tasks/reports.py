@@ -90,7 +90,6 @@ def render_trial_report(trial_code: str) -> str:
     return str(Path(result["html"]).absolute())
 
 
-render_trial_summary = render_trial_report  # the name the nightly flow uses
 
 
 @task(name="score-against-truth", task_run_name="score {trial_code} against ground truth")

@@ -71,11 +71,17 @@ def test_alert_payload_renders_to_json_whatever_the_message():
         assert body["message"] == (message or "") and body["url"] == "" and body["flow"] == "nightly-qc"
 
 
-def test_serve_and_alerts_refuse_to_run_without_a_prefect_server(tmp_path):
+def test_serve_and_alerts_refuse_to_run_without_a_reachable_prefect_server(tmp_path):
+    """One clear line and exit status 2: no PREFECT_API_URL (the ephemeral mode has no scheduler and
+    forgets automations), or a server that does not answer."""
+    from tests.receiver_helpers import free_port
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "CORELAB_"))}
     env.update(CORELAB_DATA_DIR=str(tmp_path / "data"), PREFECT_HOME=str(tmp_path / "prefect"))
-    for cmd, needle in [(["serve", "--port", "0"], "needs a Prefect server"),
-                        (["alerts", "install", "--webhook", "http://127.0.0.1:9/x"], "PREFECT_API_URL")]:
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *cmd], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=120)
+    down = {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}  # nothing listens there
+    for cmd, extra, needle in [(["serve", "--port", "0"], {}, "needs a Prefect server"),
+                               (["serve", "--port", "0"], down, "is not reachable"),
+                               (["alerts", "install", "--webhook", "http://127.0.0.1:9/x"], down, "is not reachable")]:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *cmd], cwd=REPO, env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and needle in proc.stderr, (cmd, proc.stderr[-2000:])
