@@ -94,6 +94,18 @@ def open_store(settings: Settings | None = None) -> Engine:
 
 
 @contextlib.contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """One short transaction (``session_scope`` without the per-call schema check)."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+@contextlib.contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     """A session on the migrated store that commits on success and rolls back on error."""
     with transaction(open_store(settings)) as session:

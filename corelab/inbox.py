@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 
+from corelab.db import transaction
 from corelab.ingest import ingest_path
 from corelab.models import Series, Site
 from corelab.settings import Settings
@@ -55,8 +56,6 @@ def scan_inbox(settings: Settings, engine: Engine, *, settle_s: float = 2.0,
     dict
         ``{site code: {"entries": n, "stored": n, "duplicates": n, "quarantined": n, ...}}``
     """
-    from corelab.receiver import transaction  # the same short-transaction helper as the node
-
     root = inbox_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
     with transaction(engine) as session:

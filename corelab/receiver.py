@@ -70,7 +70,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, col, select
 
 from corelab import audit
-from corelab.db import open_store
+from corelab.db import open_store, transaction
 from corelab.ingest import SOP_CLASSES, Outcome, accept_object, complete_series
 from corelab.models import Instance, Series, Site, utcnow
 from corelab.settings import Settings
@@ -165,18 +165,6 @@ class ReceiverConfig:
 
 
 # --- the store side ------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def transaction(engine: Engine) -> Iterator[Session]:
-    """One short transaction (``session_scope`` without the per-call schema check)."""
-    with Session(engine, expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-
 
 def _retrying(fn: Callable[[], object], what: str):
     for attempt in range(DB_ATTEMPTS):
