@@ -43,6 +43,14 @@ def _deadline(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
     raise AssertionError(f"{what}: not within {timeout_s} s")
 
 
+def _die_with_pytest() -> None:
+    """preexec_fn: SIGTERM this child when pytest dies (killed before its fixtures could tear down)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _stop(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
     """SIGTERM the process group, then SIGKILL what is left."""
     if proc.poll() is None:
@@ -112,7 +120,8 @@ def prefect_server(postgres_admin_url, tmp_path_factory):
     started = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_pytest)
     server = PrefectServer(f"http://127.0.0.1:{port}/api", home, log)
     try:
         def healthy() -> bool:
@@ -247,7 +256,7 @@ def test_corelab_serve_receives_serves_schedules_and_pauses_them_on_sigterm(pref
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen([str(BIN / "corelab"), "serve", "--port", str(port), "--bind", "127.0.0.1",
                                  "--stable-s", "1"], cwd=tmp_path, env=prefect_server.env(**data),
-                                stdout=fo, stderr=fe, start_new_session=True)
+                                stdout=fo, stderr=fe, start_new_session=True, preexec_fn=_die_with_pytest)
     try:
         def ready() -> bool:
             if proc.poll() is not None:
