@@ -455,37 +455,29 @@ def build_parser() -> argparse.ArgumentParser:
     qc_help = ("how to start QC of a completed series: flow (run the Prefect flow in this process), "
                "deployment (hand it to the prefect.yaml deployment), queue (only mark it queued for the "
                "nightly QC); default flow")
-    p = sub.add_parser("receive", help="run the DICOM node (Storage + Verification SCP) until stopped")
-    p.add_argument("--port", type=int, help="TCP port (default CORELAB_DICOM_PORT, 11112)")
-    p.add_argument("--ae-title", help="our AE title (default CORELAB_AE_TITLE, CORELAB)")
-    p.add_argument("--bind", default="", help="address to listen on (default: all interfaces)")
-    p.add_argument("--max-associations", type=int, default=16, help="concurrent associations (default 16)")
-    p.add_argument("--stable-s", type=float, help="seconds without a new object before a series is complete "
-                   "(default CORELAB_SERIES_STABLE_S, 60)")
-    p.add_argument("--tls-cert", help="DICOM TLS: our certificate (PEM)")
-    p.add_argument("--tls-key", help="DICOM TLS: our private key (PEM)")
-    p.add_argument("--tls-ca", help="DICOM TLS: CA that must have signed the senders' certificates")
-    p.add_argument("--watch-inbox", action="store_true", help="also poll <data dir>/inbox/<SITE>/ for file drops")
+    node = argparse.ArgumentParser(add_help=False)  # the DICOM node's options, shared by receive and serve
+    node.add_argument("--port", type=int, help="DICOM TCP port (default CORELAB_DICOM_PORT, 11112)")
+    node.add_argument("--ae-title", help="our AE title (default CORELAB_AE_TITLE, CORELAB)")
+    node.add_argument("--bind", default="", help="address to listen on (default: all interfaces)")
+    node.add_argument("--max-associations", type=int, default=16, help="concurrent associations (default 16)")
+    node.add_argument("--stable-s", type=float, help="seconds without a new object before a series is complete "
+                      "(default CORELAB_SERIES_STABLE_S, 60)")
+    node.add_argument("--tls-cert", help="DICOM TLS: our certificate (PEM)")
+    node.add_argument("--tls-key", help="DICOM TLS: our private key (PEM)")
+    node.add_argument("--tls-ca", help="DICOM TLS: CA that must have signed the senders' certificates")
+    node.add_argument("--watch-inbox", action="store_true",
+                      help="also poll <data dir>/inbox/<SITE>/ for file drops")
+    node.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+
+    p = sub.add_parser("receive", parents=[node], help="run the DICOM node (Storage + Verification SCP) until stopped")
     p.add_argument("--qc", choices=["flow", "deployment", "queue"], default="flow", help=qc_help)
-    p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     p.set_defaults(func=cmd_receive)
 
-    p = sub.add_parser("serve", help="one-machine core lab: the DICOM node plus the prefect.yaml deployments "
-                       "served with their schedules, in one process (needs PREFECT_API_URL)")
-    p.add_argument("--port", type=int, help="DICOM TCP port (default CORELAB_DICOM_PORT, 11112)")
-    p.add_argument("--ae-title", help="our AE title (default CORELAB_AE_TITLE, CORELAB)")
-    p.add_argument("--bind", default="", help="address to listen on (default: all interfaces)")
-    p.add_argument("--max-associations", type=int, default=16, help="concurrent associations (default 16)")
-    p.add_argument("--stable-s", type=float, help="seconds without a new object before a series is complete "
-                   "(default CORELAB_SERIES_STABLE_S, 60)")
-    p.add_argument("--tls-cert", help="DICOM TLS: our certificate (PEM)")
-    p.add_argument("--tls-key", help="DICOM TLS: our private key (PEM)")
-    p.add_argument("--tls-ca", help="DICOM TLS: CA that must have signed the senders' certificates")
-    p.add_argument("--watch-inbox", action="store_true", help="also poll <data dir>/inbox/<SITE>/ for file drops")
+    p = sub.add_parser("serve", parents=[node], help="one-machine core lab: the DICOM node plus the prefect.yaml "
+                       "deployments served with their schedules, in one process (needs PREFECT_API_URL)")
     p.add_argument("--deployment", action="append", metavar="NAME",
                    help="serve only this prefect.yaml deployment (repeatable; default: all of them)")
     p.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
-    p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("alerts", help="loud failures: the Prefect automation that notifies on failed runs")

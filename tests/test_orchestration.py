@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.receiver_helpers import echoscu, free_port, storescu, wait_port
+from tests.receiver_helpers import echoscu, free_port, storescu, wait_for, wait_port
 
 pytestmark = [pytest.mark.prefect, pytest.mark.postgres]
 
@@ -34,13 +34,7 @@ NIGHTLY = ("nightly-qc", "nightly-qc")  # flow name, deployment name
 
 
 def _deadline(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not within {timeout_s} s")
+    return wait_for(predicate, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
 def _die_with_pytest() -> None:
