@@ -31,13 +31,13 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, timeout_s: float = 20.0) -> None:
+def wait_port(port: int, timeout_s: float = 30.0) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         with socket.socket() as s:
@@ -106,12 +106,12 @@ def _send(folder: Path, port: int, *, aet: str, aec: str) -> float:
 def bench_storescp(folder: Path, work: Path) -> float:
     out = work / "storescp-out"
     out.mkdir()
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, TCP_NODELAY="1")
     proc = subprocess.Popen([STORESCP, "-aet", "STORESCP", "--output-directory", str(out), str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port)
+        wait_port(port)
         elapsed = _send(folder, port, aet="BENCH", aec="STORESCP")
     finally:
         proc.terminate()

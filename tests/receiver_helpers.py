@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,28 +11,12 @@ from pathlib import Path
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from bench.receive import write_pet_series
+from bench.receive import free_port, wait_port, write_pet_series  # noqa: F401  (re-exported to the tests)
 from corelab.models import AuditEvent, Instance, Series
 
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout_s: float = 30.0) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port} after {timeout_s} s")
 
 
 def small_series(outdir: Path, n: int, matrix: int = 8) -> list[Path]:
