@@ -11,7 +11,6 @@ reproduced by public implementations).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -21,8 +20,12 @@ from scipy import ndimage
 
 from phantoms.digital import Grid
 from phantoms.geometry import NEMA_IEC_BODY, NemaIecBodyPhantom
+from phantoms.localise import (IdentityCheck, PhantomLocalisationError, check_identity, fit_ring,
+                               localise_spheres)
+from phantoms.voxels import Frame, ball_weights, disc_weights, frame_of
 
 __all__ = [
+    "IdentityCheck",
     "PhantomLocalisationError",
     "SphereResult",
     "NemaIecResult",
@@ -36,10 +39,6 @@ __all__ = [
 
 RC_PEAK_RADIUS_MM = (3.0 * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
 """Radius of the 1 mL sphere used for RCpeak, mm (6.2 mm)."""
-
-
-class PhantomLocalisationError(RuntimeError):
-    """The phantom or one of its parts was not found in the image; the message says which."""
 
 
 def _json_safe(value):
@@ -144,7 +143,12 @@ class NemaIecResult:
     lung_residual_planes : tuple of int
         Image planes used: those of the background ROIs (sphere plane, +/-10, +/-20 mm).
     localisation : str
-        ``"automatic"`` (spheres found by thresholding, ring fitted) or ``"given centres"``.
+        ``"automatic"`` (spheres found by thresholding, ring fitted, named by their activity
+        volumes) or ``"given centres"``.
+    identity_check : IdentityCheck or None
+        The sphere names checked against the image: measured activity volume of each sphere
+        against its nominal volume, size order round the ring, ring fit, naming margin (see
+        :mod:`phantoms.localise`).
     """
 
     spheres: tuple[SphereResult, ...]
@@ -161,6 +165,16 @@ class NemaIecResult:
     lung_residual_per_plane_pct: tuple[float, ...] = ()
     lung_residual_planes: tuple[int, ...] = ()
     localisation: str = "automatic"
+    identity_check: IdentityCheck | None = None
+
+    @property
+    def localisation_uncertain(self) -> bool:
+        """True when the image contradicts the automatic sphere names: withhold the verdict.
+
+        Centres given by hand are the physicist's call: the check is still reported in
+        :attr:`identity_check` but does not make them uncertain.
+        """
+        return bool(self.identity_check and self.identity_check.uncertain and self.localisation == "automatic")
 
     def sphere(self, diameter_mm: float) -> SphereResult:
         """The result of the sphere of this nominal diameter."""
@@ -196,6 +210,11 @@ class NemaIecResult:
         out = asdict(self)
         out["background_variability"] = {f"{d:g}": v for d, v in self.background_variability.items()}
         out["lung_residual"] = self.lung_residual_pct
+        out["localisation_uncertain"] = self.localisation_uncertain
+        if self.identity_check is not None:
+            ic = out["identity_check"]
+            for key in ("measured_volume_ml", "nominal_volume_ml", "measured_diameter_mm", "noise_sd_ml"):
+                ic[key] = {f"{d:g}": v for d, v in ic[key].items()}
         return _json_safe(out)
 
 
@@ -254,285 +273,9 @@ class CylinderResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Coordinates
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Frame:
-    """Voxel index <-> mm, as (x, y, z)."""
-
-    origin: np.ndarray  # (x, y, z) of voxel [0,0,0]
-    spacing: np.ndarray  # (dx, dy, dz)
-    shape: tuple[int, int, int]
-    kind: str
-
-    def to_mm(self, kji: np.ndarray) -> np.ndarray:
-        kji = np.asarray(kji, dtype=float)
-        return self.origin + kji[..., ::-1] * self.spacing
-
-    def to_index(self, xyz: np.ndarray) -> np.ndarray:
-        xyz = np.asarray(xyz, dtype=float)
-        return ((xyz - self.origin) / self.spacing)[..., ::-1]
-
-    def ball_region(self, centre_xyz: np.ndarray, radius_mm: float) -> tuple[slice, slice, slice]:
-        kji = self.to_index(centre_xyz)
-        half = radius_mm / self.spacing[::-1]
-        return tuple(
-            slice(max(int(math.floor(c - h)), 0), min(int(math.ceil(c + h)) + 1, n))
-            for c, h, n in zip(kji, half, self.shape)
-        )  # type: ignore[return-value]
-
-    def region_mm(self, region: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Broadcastable x, y, z coordinates (mm) of the voxels of an index region."""
-        k = np.arange(region[0].start, region[0].stop)[:, None, None]
-        j = np.arange(region[1].start, region[1].stop)[None, :, None]
-        i = np.arange(region[2].start, region[2].stop)[None, None, :]
-        ox, oy, oz = self.origin
-        dx, dy, dz = self.spacing
-        return ox + i * dx, oy + j * dy, oz + k * dz
-
-
-def _frame(volume: np.ndarray, voxel_mm: Sequence[float], grid: Grid | None) -> _Frame:
-    if volume.ndim != 3:
-        raise ValueError(f"volume must be 3-D (plane, row, col), got shape {volume.shape}")
-    dz, dy, dx = (float(v) for v in voxel_mm)
-    if grid is None:
-        return _Frame(np.zeros(3), np.array([dx, dy, dz]), volume.shape, "index")
-    if tuple(grid.shape) != tuple(volume.shape):
-        raise ValueError(f"grid shape {grid.shape} does not match volume shape {volume.shape}")
-    if not np.allclose(grid.voxel_mm, (dz, dy, dx)):
-        raise ValueError(f"grid voxel_mm {grid.voxel_mm} does not match voxel_mm {tuple(voxel_mm)}")
-    return _Frame(np.asarray(grid.origin_mm, dtype=float), np.array([dx, dy, dz]), volume.shape, "patient")
-
-
-def _chord_counts(h2: np.ndarray, c: float, x: np.ndarray, dx: float, supersample: int) -> np.ndarray:
-    """Sub-samples ``x_i + u_m * dx`` (``u_m = (m + 0.5) / s - 0.5``) lying in ``[c - h, c + h]``.
-
-    ``h2`` (any shape) holds squared half-chords; the result has shape ``h2.shape + x.shape``.
-    Counting by formula instead of testing every sub-sample keeps the partial-voxel weights of
-    ROIs exact to the sub-sampling at a fraction of the cost.
-    """
-    s = supersample
-    h = np.sqrt(np.clip(h2, 0.0, None))[..., None]
-    lo = (c - h - x) / dx * s + 0.5 * s - 0.5
-    hi = (c + h - x) / dx * s + 0.5 * s - 0.5
-    n = np.minimum(np.floor(hi), s - 1) - np.maximum(np.ceil(lo), 0) + 1
-    return np.where(h2[..., None] >= 0.0, np.clip(n, 0, s), 0.0)
-
-
-def _ball_weights(frame: _Frame, region, centre_xyz, radius_mm: float, *, supersample: int = 5) -> np.ndarray:
-    """Fraction of each voxel of ``region`` inside a ball (``supersample**3`` sub-samples)."""
-    x, y, z = frame.region_mm(region)
-    s = supersample
-    u = (np.arange(s) + 0.5) / s - 0.5
-    dx, dy, dz = frame.spacing
-    cx, cy, cz = centre_xyz
-    zs = z[:, 0, 0, None] + u * dz  # (planes, s)
-    ys = y[0, :, 0, None] + u * dy  # (rows, s)
-    h2 = radius_mm**2 - (zs[:, :, None, None] - cz) ** 2 - (ys[None, None, :, :] - cy) ** 2  # (k, s, j, s)
-    counts = _chord_counts(h2, cx, x[0, 0, :], dx, s)  # (k, s, j, s, i)
-    return counts.sum(axis=(1, 3)) / s**3
-
-
-def _disc_weights(frame: _Frame, plane: int, centre_xy, radius_mm: float, *, supersample: int = 8):
-    """Pixel weights (fraction inside a circle, ``supersample**2`` sub-samples) on one plane.
-
-    Returns ``(region, weights)``; ``weights`` has shape ``(1, rows, cols)`` of the region.
-    """
-    cx, cy = centre_xy
-    k = np.array([plane, 0, 0], dtype=float)
-    reg = frame.ball_region(np.array([cx, cy, frame.to_mm(k)[2]]), radius_mm + 1.0 * max(frame.spacing[:2]))
-    reg = (slice(plane, plane + 1), reg[1], reg[2])
-    x, y, _ = frame.region_mm(reg)
-    s = supersample
-    u = (np.arange(s) + 0.5) / s - 0.5
-    dx, dy, _ = frame.spacing
-    ys = y[0, :, 0, None] + u * dy  # (rows, s)
-    counts = _chord_counts(radius_mm**2 - (ys - cy) ** 2, cx, x[0, 0, :], dx, s)  # (rows, s, cols)
-    return reg, (counts.sum(axis=1) / s**2)[None]
-
-
-# --------------------------------------------------------------------------------------------
-# NEMA IEC localisation
-# --------------------------------------------------------------------------------------------
-def _kabsch(template: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Proper rotation R and translation t minimising ``|R @ template + t - found|``.
-
-    Coplanar templates (the sphere ring) are fine: a mirrored ring is the ring turned over,
-    which is a proper rotation, so phantoms scanned either way round fit alike.
-    """
-    ct, cf = template.mean(axis=0), found.mean(axis=0)
-    h = (template - ct).T @ (found - cf)
-    u, _, vt = np.linalg.svd(h)
-    sign = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
-    r = vt.T @ np.diag([1.0, 1.0, sign]) @ u.T
-    t = cf - r @ ct
-    rms = float(np.sqrt(np.mean(np.sum((template @ r.T + t - found) ** 2, axis=1))))
-    return r, t, rms
-
-
-def _hot_components(
-    volume: np.ndarray, frame: _Frame, threshold: float, geometry: NemaIecBodyPhantom
-) -> list[tuple[float, np.ndarray]]:
-    """Hot connected components that could be spheres: ``[(volume_ml, centre_xyz), ...]``.
-
-    The search runs on a copy reduced to voxels of about 4 mm (block means; this and a light
-    Gaussian smoothing keep noise from splitting a sphere into pieces), so it costs little even
-    at 2 mm voxels. Components from a quarter of the smallest sphere to three times the largest
-    are kept, largest first; each centre is then refined at full resolution (centroid of
-    ``value - threshold`` over the voxels above ``threshold`` near the component).
-    """
-    f = np.maximum(1, np.floor(_SEARCH_VOXEL_MM / frame.spacing[::-1] + 1e-6)).astype(int)  # (k, j, i)
-    n = np.array(volume.shape) // f
-    if np.any(n < 2):
-        f, n = np.ones(3, dtype=int), np.array(volume.shape)
-    coarse = volume[: n[0] * f[0], : n[1] * f[1], : n[2] * f[2]]
-    for axis, k in enumerate(f):  # block means, one axis at a time (strided sums: fast)
-        if k > 1:
-            parts = [coarse[(slice(None),) * axis + (slice(i, None, k),)] for i in range(k)]
-            coarse = sum(parts[1:], parts[0]) / k
-    coarse_spacing = frame.spacing[::-1] * f  # (k, j, i)
-    smooth = ndimage.gaussian_filter(coarse, np.maximum(0.0, 2.0 / coarse_spacing), truncate=3.0)
-    labels, count = ndimage.label(smooth > threshold)
-    if count == 0:
-        return []
-    voxel_ml = float(np.prod(coarse_spacing)) / 1000.0
-    volumes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
-    largest_ml = max(geometry.sphere_volumes_ml.values())
-    smallest_ml = min(geometry.sphere_volumes_ml.values())
-    keep = [(float(v), lab) for lab, v in enumerate(volumes_ml, start=1)
-            if 0.25 * smallest_ml <= v <= 3.0 * largest_ml]
-    keep.sort(reverse=True)
-    keep = keep[:_MAX_CANDIDATES]
-    boxes = ndimage.find_objects(labels)
-    out = []
-    for v, lab in keep:
-        box = boxes[lab - 1]
-        # the component's box in full-resolution voxels, one coarse voxel wider each side
-        region = tuple(slice(max((b.start - 1) * k, 0), min((b.stop + 1) * k, s))
-                       for b, k, s in zip(box, f, volume.shape))
-        w = np.clip(volume[region] - threshold, 0.0, None)
-        # only the part connected to this component (not a neighbour reaching into the box)
-        up = np.zeros(w.shape, dtype=bool)
-        sub = labels[tuple(slice(r.start // k, -(-r.stop // k)) for r, k in zip(region, f))] == lab
-        rep = sub.repeat(f[0], 0).repeat(f[1], 1).repeat(f[2], 2)
-        up[...] = rep[: w.shape[0], : w.shape[1], : w.shape[2]]
-        up = ndimage.binary_dilation(up, iterations=1)
-        w = np.where(up, w, 0.0)
-        total = w.sum()
-        if total <= 0:
-            continue
-        idx = [np.arange(r.start, r.stop, dtype=float) for r in region]
-        kji = np.array([(w.sum(axis=(1, 2)) * idx[0]).sum(), (w.sum(axis=(0, 2)) * idx[1]).sum(),
-                        (w.sum(axis=(0, 1)) * idx[2]).sum()]) / total
-        out.append((v, frame.to_mm(kji)))
-    return out
-
-
-_SEARCH_VOXEL_MM = 4.0
-"""Voxel size (about) of the reduced copy the hot-sphere search runs on, mm."""
-
-_MAX_CANDIDATES = 10
-"""Hot components considered when matching the sphere ring (largest first)."""
-
-
-def _match_ring(
-    candidates: list[tuple[float, np.ndarray]], geometry: NemaIecBodyPhantom, *, max_rms_mm: float,
-    accept_mm: float
-) -> dict[float, np.ndarray]:
-    """Assign hot components to spheres using the known ring geometry.
-
-    Every ordered choice of three components (in decreasing size) is tried as the three largest
-    spheres; the rigid ring fitted to them predicts where the other spheres are, and a
-    component within ``accept_mm`` of a prediction is taken as that sphere. The assignment
-    with most spheres, then the smallest fit RMS, wins. Hot objects other than the spheres
-    (noise, a hot lung insert end, a syringe) are thereby ignored unless they sit on the ring.
-    """
-    diameters = sorted(geometry.sphere_diameters_mm, reverse=True)
-    ring_c = np.asarray(geometry.ring_centre_mm)
-    template_all = {d: np.asarray(c) - ring_c for d, c in geometry.sphere_centres_mm().items()}
-    if len(candidates) < 3:
-        return {d: c for d, (_, c) in zip(diameters, candidates)}
-    vols = [v for v, _ in candidates]
-    pts = [c for _, c in candidates]
-    best_key, best = None, None
-    big = diameters[:3]
-    for trio_idx in itertools.combinations(range(len(pts)), 3):
-        r, t, rms = _kabsch(np.array([template_all[d] for d in big]), np.array([pts[n] for n in trio_idx]))
-        if rms > max_rms_mm:
-            continue
-        chosen = dict(zip(big, trio_idx))
-        for d in diameters[3:]:
-            pred = r @ template_all[d] + t
-            dist = [(float(np.linalg.norm(p - pred)), n) for n, p in enumerate(pts) if n not in chosen.values()]
-            if dist and min(dist)[0] <= accept_mm:
-                chosen[d] = min(dist)[1]
-        ds = sorted(chosen)
-        rms_all = _kabsch(np.array([template_all[d] for d in ds]), np.array([pts[chosen[d]] for d in ds]))[2]
-        # the ring is a regular hexagon: a fit turned by 60 degrees fits as well, so sizes decide
-        inversions = sum(1 for a, b in itertools.combinations(ds, 2) if vols[chosen[a]] > vols[chosen[b]])
-        key = (len(chosen), -inversions, -rms_all)
-        if best_key is None or key > best_key:
-            best_key, best = key, {d: pts[n] for d, n in chosen.items()}
-    if best is None:
-        # no trio fits the ring: report the largest components (the caller explains the failure)
-        return {d: c for d, (_, c) in zip(diameters, candidates)}
-    return best
-
-
-@dataclass(frozen=True)
-class _RingPose:
-    rotation: np.ndarray
-    translation: np.ndarray  # maps phantom-frame points relative to the ring centre
-    rms_mm: float
-    detected: tuple[float, ...]
-
-    def to_image(self, p_phantom: Sequence[float], ring_centre_ph: np.ndarray) -> np.ndarray:
-        return self.rotation @ (np.asarray(p_phantom, dtype=float) - ring_centre_ph) + self.translation
-
-
-_HOW_TO_GIVE_CENTRES = ("If the phantom is in the image but cannot be localised, give the sphere centres by hand "
-                        "(centres_mm; command line: --centres FILE, YAML/JSON {diameter_mm: [x, y, z]} in "
-                        "patient mm).")
-
-
-def _fit_ring(
-    found: Mapping[float, np.ndarray], geometry: NemaIecBodyPhantom, *, max_rms_mm: float, given: bool
-) -> _RingPose:
-    ring_c = np.asarray(geometry.ring_centre_mm)
-    template_all = geometry.sphere_centres_mm()
-    ds = sorted(found)
-    unknown = [d for d in ds if not any(abs(d - g) < 0.5 for g in geometry.sphere_diameters_mm)]
-    if unknown:
-        raise PhantomLocalisationError(
-            f"sphere diameter(s) {unknown} mm are not IEC sphere diameters {list(geometry.sphere_diameters_mm)}")
-    found = {min(geometry.sphere_diameters_mm, key=lambda g: abs(g - d)): v for d, v in found.items()}
-    ds = sorted(found)
-    if len(ds) < 3:
-        if given:
-            raise PhantomLocalisationError(f"centres_mm gives {len(ds)} sphere(s); need at least 3")
-        raise PhantomLocalisationError(
-            f"found {len(ds)} hot sphere(s) ({', '.join(f'{d:g} mm' for d in ds) or 'none'}); "
-            "need at least 3 (the 37, 28 and 22 mm spheres) to fit the sphere ring. Check the "
-            "sphere and background concentrations given, and that the sphere plane is in the image. "
-            + _HOW_TO_GIVE_CENTRES
-        )
-    template = np.array([np.asarray(template_all[d]) - ring_c for d in ds])
-    pts = np.array([found[d] for d in ds])
-    r, t, rms = _kabsch(template, pts)
-    if rms > max_rms_mm:
-        raise PhantomLocalisationError(
-            f"the sphere centres ({', '.join(f'{d:g} mm' for d in ds)}) do not fit the IEC sphere "
-            f"ring: RMS {rms:.1f} mm > {max_rms_mm:.1f} mm. A hot object other than the spheres, "
-            "or spheres missing from the field of view, may be present. "
-            + ("" if given else _HOW_TO_GIVE_CENTRES)
-        )
-    return _RingPose(r, t, rms, tuple(ds))
-
-
-# --------------------------------------------------------------------------------------------
 # NEMA IEC measurements
 # --------------------------------------------------------------------------------------------
-def _a50_voi(volume, frame: _Frame, centre_xyz, search_radius_mm: float, background: float):
+def _a50_voi(volume, frame: Frame, centre_xyz, search_radius_mm: float, background: float):
     """Max voxel and the background-adapted 50 % isocontour VOI around one sphere.
 
     The VOI is the set of voxels ``>= B + 0.5 * (max - B)`` that are face-connected to the
@@ -559,13 +302,13 @@ def _a50_voi(volume, frame: _Frame, centre_xyz, search_radius_mm: float, backgro
     return vmax, mean, int(voi.sum()), frame.to_mm(max_kji)
 
 
-def _ball_mean(volume, frame: _Frame, centre_xyz, radius_mm: float) -> float:
+def _ball_mean(volume, frame: Frame, centre_xyz, radius_mm: float) -> float:
     region = frame.ball_region(np.asarray(centre_xyz), radius_mm + float(max(frame.spacing)))
-    w = _ball_weights(frame, region, centre_xyz, radius_mm)
+    w = ball_weights(frame, region, centre_xyz, radius_mm)
     return float(np.sum(w * volume[region]) / np.sum(w))
 
 
-def _best_ball(volume, frame: _Frame, centre_xyz, within_mm: float, radius_mm: float):
+def _best_ball(volume, frame: Frame, centre_xyz, within_mm: float, radius_mm: float):
     """Voxel centre within ``within_mm`` of ``centre_xyz`` where the ball mean is highest.
 
     Returns ``(mean, centre_xyz)``. The ball mean at every voxel centre is a correlation with
@@ -573,9 +316,9 @@ def _best_ball(volume, frame: _Frame, centre_xyz, within_mm: float, radius_mm: f
     """
     # kernel: partial-voxel weights of the ball centred on a voxel centre
     half = np.ceil(radius_mm / frame.spacing[::-1] + 1.0).astype(int)
-    kframe = _Frame(-half[::-1] * frame.spacing, frame.spacing, tuple(2 * half + 1), frame.kind)
+    kframe = Frame(-half[::-1] * frame.spacing, frame.spacing, tuple(2 * half + 1), frame.kind)
     kregion = tuple(slice(0, n) for n in kframe.shape)
-    kernel = _ball_weights(kframe, kregion, (0.0, 0.0, 0.0), radius_mm)
+    kernel = ball_weights(kframe, kregion, (0.0, 0.0, 0.0), radius_mm)
     kernel /= kernel.sum()
     region = frame.ball_region(np.asarray(centre_xyz), within_mm + radius_mm + float(max(frame.spacing)))
     means = ndimage.correlate(volume[region], kernel, mode="nearest")
@@ -588,7 +331,7 @@ def _best_ball(volume, frame: _Frame, centre_xyz, within_mm: float, radius_mm: f
     return float(means[k]), frame.to_mm(kji)
 
 
-def _disc_mean(volume, frame: _Frame, plane: int, centre_xy, radius_mm: float, cache: dict | None = None
+def _disc_mean(volume, frame: Frame, plane: int, centre_xy, radius_mm: float, cache: dict | None = None
                ) -> float | None:
     """Area-weighted mean of a circle on one plane; None when the circle leaves the image.
 
@@ -601,7 +344,7 @@ def _disc_mean(volume, frame: _Frame, plane: int, centre_xy, radius_mm: float, c
     if cache is not None and key in cache:
         rows, cols, w, total = cache[key]
     else:
-        reg, w = _disc_weights(frame, 0, centre_xy, radius_mm)
+        reg, w = disc_weights(frame, 0, centre_xy, radius_mm)
         rows, cols, w, total = reg[1], reg[2], w[0], float(w.sum())
         if cache is not None:
             cache[key] = (rows, cols, w, total)
@@ -700,7 +443,7 @@ def analyze_nema_iec(
       the background ROIs; ``C_lung,i / C_B,37mm * 100`` averaged over those planes (NEMA NU 2).
     """
     volume = np.asarray(volume_kbq_ml, dtype=np.float64)
-    frame = _frame(volume, voxel_mm, grid)
+    frame = frame_of(volume, voxel_mm, grid)
     if sphere_kbq_ml <= background_kbq_ml:
         raise ValueError(
             f"sphere_kbq_ml ({sphere_kbq_ml}) must exceed background_kbq_ml ({background_kbq_ml}) "
@@ -715,13 +458,16 @@ def analyze_nema_iec(
     voxel_max = float(max(frame.spacing))
     rms_limit = max_fit_rms_mm if max_fit_rms_mm is not None else max(4.0, 1.5 * voxel_max)
     if centres_mm is None:
-        threshold = background_kbq_ml + 0.5 * (sphere_kbq_ml - background_kbq_ml)
-        candidates = _hot_components(volume, frame, threshold, ph)
-        found = _match_ring(candidates, ph, max_rms_mm=rms_limit, accept_mm=max(5.0, 1.5 * voxel_max))
+        located = localise_spheres(volume, frame, ph, sphere=sphere_kbq_ml, background=background_kbq_ml,
+                                   max_rms_mm=rms_limit, accept_mm=max(5.0, 1.5 * voxel_max))
+        found, margin = located.found, located.naming_margin
     else:
         found = {float(d): np.asarray(c, dtype=float) for d, c in centres_mm.items()}
-    pose = _fit_ring(found, ph, max_rms_mm=rms_limit, given=centres_mm is not None)
+        margin = math.nan
+    pose = fit_ring(found, ph, max_rms_mm=rms_limit, given=centres_mm is not None)
     centres = {d: pose.to_image(c, ring_c) for d, c in ph.sphere_centres_mm().items()}
+    identity = check_identity(volume, frame, ph, centres, pose, sphere=sphere_kbq_ml,
+                              background=background_kbq_ml, max_rms_mm=rms_limit, naming_margin=margin)
     ring_centre = pose.translation
     axis = pose.rotation[:, 2]
 
@@ -811,6 +557,7 @@ def analyze_nema_iec(
         lung_residual_per_plane_pct=tuple(float(v) for v in lung_pct),
         lung_residual_planes=tuple(lung_planes),
         localisation="automatic" if centres_mm is None else "given centres",
+        identity_check=identity,
     )
 
 
@@ -860,7 +607,7 @@ def analyze_uniform_cylinder(
     calibration QC quantity ``(C_measured / C_true - 1) * 100``.
     """
     volume = np.asarray(volume_kbq_ml, dtype=np.float64)
-    frame = _frame(volume, voxel_mm, grid)
+    frame = frame_of(volume, voxel_mm, grid)
     if concentration_kbq_ml <= 0:
         raise ValueError(f"concentration_kbq_ml must be > 0, got {concentration_kbq_ml}")
     labels, n = ndimage.label(volume > 0.5 * concentration_kbq_ml)
