@@ -25,10 +25,13 @@ and the PET Image and Enhanced PET modules of DICOM PS3.3 (C.8.9.1, C.8.9.2, C.8
 * Injection time: RadiopharmaceuticalStartDateTime, else RadiopharmaceuticalStartTime on the date
   of the scan reference time (the series date in the ordinary case), moved to the previous day
   when that time of day falls after the scan (midnight crossing).
-* Units ``GML``: already SUVbw, factor 1. Units ``CNTS`` (Philips): private SUV scale factor
-  (7053,1000) if present, else private activity-concentration scale factor (7053,1009) times the
-  BQML factor. Units ``CM2ML`` (SUVbsa) and all others: refused.
-* RadionuclideTotalDose is in Bq in PET Image Storage and in MBq in Enhanced PET Image Storage.
+* Units ``GML``/``CM2ML``: an SUV of the SUV Type (0054,1006), converted by ``weight_g / N_x``
+  (:mod:`corelab.body_size`). Units ``CNTS`` (Philips): private SUV factor (7053,1000) if positive,
+  else activity-concentration factor (7053,1009) times the BQML factor; read without their
+  creator (7053,0010) with a warning, refused when (7053,0010) names another block. Others: refused.
+* RadionuclideTotalDose is in Bq in PET Image Storage and in MBq in Enhanced PET Image Storage. A
+  classic dose below ``MIN_PLAUSIBLE_DOSE_BQ`` is taken as MBq and PatientWeight above
+  ``GRAMS_WEIGHT_ABOVE`` as g, with a warning (the entry stays a deviation for QC to report).
 
 When SUV cannot be computed :class:`SuvError` is raised. Its ``code`` is machine-readable and its
 message names the attribute, the (non-identifying) value found and what the site should fix.
@@ -51,38 +54,30 @@ import datetime as dt
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "ENHANCED_PET_IMAGE_STORAGE",
-    "MAX_PLAUSIBLE_DOSE_BQ",
-    "MIN_PLAUSIBLE_DOSE_BQ",
-    "PET_IMAGE_STORAGE",
-    "SuvError",
-    "SuvResult",
-    "SuvWarning",
-    "average_count_rate_time_s",
-    "header_from_dataset",
-    "suv_stats",
-    "suvbw_factors",
-]
+from corelab.body_size import (GRAMS_WEIGHT_ABOVE, PLAUSIBLE_HEIGHT_M, PLAUSIBLE_WEIGHT_KG,  # noqa: F401
+                                BodySizeError, Normalisation, normalisation, patient_weight_kg,
+                                to_suvbw)
+
+__all__ = ["ENHANCED_PET_IMAGE_STORAGE", "MAX_PLAUSIBLE_DOSE_BQ", "MIN_PLAUSIBLE_DOSE_BQ",
+           "PET_IMAGE_STORAGE", "SuvError", "SuvResult", "SuvWarning", "average_count_rate_time_s",
+           "header_from_dataset", "suv_stats", "suvbw_factors"]
 
 #: SOP Class UID of (classic) PET Image Storage: RadionuclideTotalDose in Bq.
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 #: SOP Class UID of Enhanced PET Image Storage: RadionuclideTotalDose in MBq (PS3.3 C.8.22).
 ENHANCED_PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.130"
 
-#: Lowest administered activity accepted as Bq (0.1 MBq). A classic header below this almost
-#: certainly holds MBq (e.g. 370.0) and is refused with code ``dose_looks_like_mbq``.
+#: Lowest administered activity accepted as Bq (0.1 MBq). A classic header below this holds MBq
+#: (e.g. 370.0): it is converted to Bq with the warning ``dose_looks_like_mbq``.
 MIN_PLAUSIBLE_DOSE_BQ = 1.0e5
 #: Highest administered activity accepted (100 GBq). Above it the dose is refused
 #: (``dose_looks_like_bq`` for Enhanced PET, where MBq is expected; ``dose_implausible`` else).
 MAX_PLAUSIBLE_DOSE_BQ = 1.0e11
-#: Patient weights outside this range (kg) give the warning ``weight_implausible``.
-PLAUSIBLE_WEIGHT_KG = (2.0, 350.0)
 #: Uptake longer than this many half-lives gives the warning ``uptake_long`` (wrong date?).
 LONG_UPTAKE_HALF_LIVES = 10.0
 #: Relative disagreement between the two Philips private factors that gives a warning.
@@ -92,37 +87,13 @@ PHILIPS_FACTOR_RTOL = 0.01
 _GE_POST_INJECTION = (0x0009, 0x0D, "GEMS_PETD_01")
 _PHILIPS_SUV_FACTOR = (0x7053, 0x00, "Philips PET Private Group")
 _PHILIPS_ACTIVITY_FACTOR = (0x7053, 0x09, "Philips PET Private Group")
+_TAGS = {"RadionuclideTotalDose": "(0018,1074)", "RadionuclideHalfLife": "(0018,1075)"}
 
-_RADIOPHARM_KEYS = (
-    "RadionuclideTotalDose",
-    "RadionuclideHalfLife",
-    "RadiopharmaceuticalStartTime",
-    "RadiopharmaceuticalStartDateTime",
-)
-_PLAIN_KEYS = (
-    "SOPClassUID",
-    "Units",
-    "DecayCorrection",
-    "CorrectedImage",
-    "SeriesDate",
-    "SeriesTime",
-    "AcquisitionDate",
-    "AcquisitionTime",
-    "AcquisitionDateTime",
-    "FrameReferenceTime",
-    "ActualFrameDuration",
-    "PatientWeight",
-)
-# Series-level attributes that must be identical in every slice of one series.
-_SERIES_KEYS = (
-    "SOPClassUID",
-    "Units",
-    "DecayCorrection",
-    "SeriesDate",
-    "SeriesTime",
-    "PatientWeight",
-    *_RADIOPHARM_KEYS,
-)
+_RADIOPHARM_KEYS = ("RadionuclideTotalDose", "RadionuclideHalfLife", "RadiopharmaceuticalStartTime",
+                    "RadiopharmaceuticalStartDateTime")
+_PLAIN_KEYS = ("SOPClassUID", "Units", "DecayCorrection", "CorrectedImage", "SeriesDate", "SeriesTime",
+               "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "FrameReferenceTime",
+               "ActualFrameDuration", "PatientWeight", "PatientSize", "PatientSex", "SUVType")
 _DATE_LIKE = {"SeriesDate", "SeriesTime", "RadiopharmaceuticalStartTime",
               "RadiopharmaceuticalStartDateTime"}
 
@@ -137,9 +108,11 @@ class SuvError(ValueError):
         ``missing_half_life``, ``missing_injection_time``, ``missing_scan_time``,
         ``missing_units``, ``missing_decay_correction``, ``missing_frame_duration``,
         ``unsupported_units``, ``unsupported_decay_correction``,
-        ``missing_philips_scale_factor``, ``dose_looks_like_mbq``, ``dose_looks_like_bq``,
-        ``dose_implausible``, ``injection_after_scan``, ``not_attenuation_corrected``,
-        ``inconsistent_series``, ``unparseable_value``, ``no_slices``.
+        ``missing_philips_scale_factor``, ``philips_not_convertible`` (factor 0),
+        ``philips_private_creator_mismatch``, ``dose_looks_like_bq``, ``dose_implausible``,
+        ``injection_after_scan``, ``not_attenuation_corrected``, ``inconsistent_series``,
+        ``unparseable_value``, ``no_slices``; GML/CM2ML: the codes of
+        :class:`corelab.body_size.BodySizeError`.
     message : str
         What is wrong (attribute keyword, value found, unit assumed) and what the site should fix.
     attribute : str, optional
@@ -160,7 +133,8 @@ class SuvWarning:
     Codes: ``series_after_acquisition``, ``missing_series_time``, ``midnight_crossing``,
     ``uptake_long``, ``uptake_unknown`` (ADMIN), ``weight_implausible``,
     ``corrected_image_missing``, ``decay_flags_contradict``, ``gml_assumed_suvbw``,
-    ``philips_factors_disagree``.
+    ``philips_factors_disagree``, ``philips_private_creator_missing``, ``dose_looks_like_mbq``,
+    ``weight_looks_like_grams``, ``sex_not_specified`` (mean of the male and female values).
     """
 
     code: str
@@ -178,13 +152,19 @@ class SuvResult:
     ----------
     factors_g_per_bq : tuple of float
         One factor per slice, in the order of the input headers, in g/Bq (g/mL per Bq/mL).
-        Multiplies the real-world value (stored * RescaleSlope + RescaleIntercept).
+        Multiplies the real-world value (stored * RescaleSlope + RescaleIntercept). For GML and
+        CM2ML it is ``weight_g / N_x`` (dimensionless for GML, g/cm2 for CM2ML).
     units_path : str
-        ``"BQML"``, ``"GML"``, ``"CNTS-philips-suv"`` or ``"CNTS-philips-activity"``.
+        ``"BQML"``, ``"GML"``, ``"CM2ML"``, ``"CNTS-philips-suv"`` or ``"CNTS-philips-activity"``.
+    suv_type : str
+        SUV Type (0054,1006) converted from: GML/CM2ML as read (absent: ``BW``/``BSA``); ``BW``
+        for BQML and CNTS.
+    normalisation : corelab.body_size.Normalisation
+        The body size divided out (name, value with unit, sex used); ``bw`` for SUVbw.
     decay_correction : str or None
         DecayCorrection (0054,1102): ``START``, ``ADMIN`` or ``NONE``.
     weight_kg : float or None
-        PatientWeight (0010,1030), kg.
+        PatientWeight (0010,1030), kg (divided by 1000 when it was entered in g).
     dose_bq : float or None
         Injected activity in Bq (converted from MBq for Enhanced PET).
     dose_unit_assumed : str or None
@@ -228,6 +208,12 @@ class SuvResult:
     injection_time_source: str | None = None
     uptake_min: float | None = None
     warnings: tuple[SuvWarning, ...] = field(default_factory=tuple)
+    suv_type: str = "BW"
+    normalisation: Normalisation | None = None
+
+    def __post_init__(self) -> None:  # BQML, CNTS: SUVbw, normalised by the body weight
+        if self.normalisation is None:
+            object.__setattr__(self, "normalisation", normalisation("BW", weight_kg=self.weight_kg))
 
     @property
     def factor_g_per_bq(self) -> float | None:
@@ -242,30 +228,21 @@ class SuvResult:
         return tuple(w.code for w in self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (datetimes as ISO 8601 strings, warnings as code/message dicts)."""
+        """JSON-ready dict of every attribute plus ``factor_g_per_bq`` (datetimes as ISO 8601
+        strings, warnings as code/message dicts, ``normalisation`` as a dict)."""
 
-        def iso(value: dt.datetime | None) -> str | None:
-            return value.isoformat() if value is not None else None
+        def plain(value: Any) -> Any:
+            if isinstance(value, dt.datetime):
+                return value.isoformat()
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            if isinstance(value, SuvWarning):
+                return {"code": value.code, "message": value.message}
+            return value.to_dict() if isinstance(value, Normalisation) else value
 
-        return {
-            "factors_g_per_bq": list(self.factors_g_per_bq),
-            "factor_g_per_bq": self.factor_g_per_bq,
-            "units_path": self.units_path,
-            "decay_correction": self.decay_correction,
-            "weight_kg": self.weight_kg,
-            "dose_bq": self.dose_bq,
-            "dose_unit_assumed": self.dose_unit_assumed,
-            "half_life_s": self.half_life_s,
-            "decayed_dose_bq": self.decayed_dose_bq,
-            "slice_decayed_dose_bq": list(self.slice_decayed_dose_bq),
-            "scan_datetime": iso(self.scan_datetime),
-            "slice_scan_datetimes": [iso(t) for t in self.slice_scan_datetimes],
-            "scan_time_source": self.scan_time_source,
-            "injection_datetime": iso(self.injection_datetime),
-            "injection_time_source": self.injection_time_source,
-            "uptake_min": self.uptake_min,
-            "warnings": [{"code": w.code, "message": w.message} for w in self.warnings],
-        }
+        out = {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+        return {"factors_g_per_bq": out.pop("factors_g_per_bq"), "factor_g_per_bq": self.factor_g_per_bq,
+                **out}
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +353,9 @@ def header_from_dataset(ds: Any, *, per_slice_only: bool = False) -> dict[str, A
         ``RadionuclideHalfLife`` (s), ``RadiopharmaceuticalStartTime``,
         ``RadiopharmaceuticalStartDateTime``), ``GEPrivatePostInjectionDateTime`` from GE
         private (0009,100D) and ``PhilipsPETPrivateGroup`` = ``{"SUVScaleFactor": (7053,1000),
-        "ActivityConcentrationScaleFactor": (7053,1009)}`` when present. No patient name or ID.
+        "ActivityConcentrationScaleFactor": (7053,1009)}`` when present (by tag, plus
+        ``"PrivateCreator"``: the (7053,0010) value or ``""``, when no Philips creator reserves
+        them), ``PatientSize`` (m), ``PatientSex``, ``SUVType``. No patient name or ID.
 
     Notes
     -----
@@ -421,9 +400,20 @@ def header_from_dataset(ds: Any, *, per_slice_only: bool = False) -> dict[str, A
         value = _private_value(ds, spec, groups)
         if value is not None:
             philips[name] = value
+    if not philips and groups is not None and 0x7053 in groups:
+        philips = _philips_by_tag(ds)
     if philips:
         header["PhilipsPETPrivateGroup"] = philips
     return header
+
+
+def _philips_by_tag(ds: Any) -> dict[str, Any]:
+    """(7053,1000)/(7053,1009) by tag, with their (7053,0010) creator: exports that drop it."""
+    tags = (("SUVScaleFactor", 0x70531000), ("ActivityConcentrationScaleFactor", 0x70531009))
+    out = {name: v for name, tag in tags if tag in ds and (v := _clean(ds[tag].value)) is not None}
+    if out:
+        out["PrivateCreator"] = str(_clean(ds[0x70530010].value) or "") if 0x70530010 in ds else ""
+    return out
 
 
 def _as_header(obj: Any) -> Mapping[str, Any]:
@@ -581,17 +571,17 @@ def _series_value(headers: Sequence[Mapping[str, Any]], key: str) -> Any:
 
 
 def _require_positive(value: Any, keyword: str, code: str, what: str, fix: str) -> float:
-    number = _number(value, keyword)
+    number, named = _number(value, keyword), f"{keyword} {_TAGS.get(keyword, '')}".rstrip()
     if number is None:
-        raise SuvError(code, f"{keyword} is missing or empty, so SUV cannot be computed ({what}). "
+        raise SuvError(code, f"{named} is missing or empty, so SUV cannot be computed ({what}). "
                        f"{fix}", attribute=keyword)
     if not math.isfinite(number) or number <= 0:
-        raise SuvError(code, f"{keyword} is {number!r}; it must be positive ({what}). {fix}",
+        raise SuvError(code, f"{named} is {number!r}; it must be positive ({what}). {fix}",
                        attribute=keyword)
     return number
 
 
-def _dose_bq(raw: Any, sop_class_uid: str | None) -> tuple[float, str]:
+def _dose_bq(raw: Any, sop_class_uid: str | None, warnings: list) -> tuple[float, str]:
     dose = _require_positive(
         raw, "RadionuclideTotalDose", "missing_dose", "administered activity",
         "The site should enter the injected activity (Bq for PET Image Storage, MBq for "
@@ -605,30 +595,34 @@ def _dose_bq(raw: Any, sop_class_uid: str | None) -> tuple[float, str]:
                 f"Enhanced PET Image Storage; that is {dose_bq:.4g} Bq, above the plausible "
                 f"maximum {MAX_PLAUSIBLE_DOSE_BQ:.0e} Bq, so the value looks like Bq. SUV was not "
                 f"computed. The site should correct RadionuclideTotalDose to MBq "
-                f"({dose / 1e6:g}) and resend.",
-                attribute="RadionuclideTotalDose")
+                f"({dose / 1e6:g}) and resend.", attribute="RadionuclideTotalDose")
         unit = "MBq"
     else:
-        dose_bq = dose
-        if dose_bq < MIN_PLAUSIBLE_DOSE_BQ:
-            raise SuvError(
-                "dose_looks_like_mbq",
-                f"RadionuclideTotalDose is {dose:g}, read as Bq as PS3.3 specifies for PET "
-                f"Image Storage; {dose:g} Bq is below the plausible minimum "
-                f"{MIN_PLAUSIBLE_DOSE_BQ:.0e} Bq, so the value looks like MBq "
-                f"({dose:g} MBq = {dose * 1e6:.0f} Bq). SUV was not computed rather than "
-                f"guessed. The site should correct RadionuclideTotalDose to Bq "
-                f"({dose * 1e6:.0f}) at the scanner or export and resend.",
-                attribute="RadionuclideTotalDose")
-        if dose_bq > MAX_PLAUSIBLE_DOSE_BQ:
-            raise SuvError(
-                "dose_implausible",
-                f"RadionuclideTotalDose is {dose:g} Bq, above the plausible maximum "
-                f"{MAX_PLAUSIBLE_DOSE_BQ:.0e} Bq. SUV was not computed. The site should check the "
-                f"injected activity and its unit (Bq) and resend.",
-                attribute="RadionuclideTotalDose")
-        unit = "Bq"
+        dose_bq, unit = dose, "Bq"
+        if dose < MIN_PLAUSIBLE_DOSE_BQ <= dose * 1.0e6:  # the unit recognised by its value
+            dose_bq, unit = dose * 1.0e6, "MBq"
+            warnings.append(SuvWarning("dose_looks_like_mbq", (
+                f"RadionuclideTotalDose (0018,1074) is {dose:g}, implausibly small for Bq (PET "
+                f"Image Storage requires Bq; below {MIN_PLAUSIBLE_DOSE_BQ:.0e} Bq): assumed to be "
+                f"MBq and converted to {dose_bq:.0f} Bq for SUV. It stays a deviation: the site "
+                f"should correct RadionuclideTotalDose to Bq ({dose_bq:.0f}) and resend.")))
+        if not MIN_PLAUSIBLE_DOSE_BQ <= dose_bq <= MAX_PLAUSIBLE_DOSE_BQ:
+            raise SuvError("dose_implausible", (
+                f"RadionuclideTotalDose (0018,1074) is {dose:g}, outside the plausible "
+                f"{MIN_PLAUSIBLE_DOSE_BQ:.0e}-{MAX_PLAUSIBLE_DOSE_BQ:.0e} Bq whether read as Bq "
+                f"or as MBq. SUV was not computed. The site should check the injected activity "
+                f"and its unit (Bq) and resend."), attribute="RadionuclideTotalDose")
     return dose_bq, unit
+
+
+def _body_size(call, warnings: list, *args: Any, **kwargs: Any) -> Any:
+    """Call a :mod:`corelab.body_size` reader: its errors become SuvError, its notes warnings."""
+    try:
+        value, notes = call(*args, **kwargs)
+    except BodySizeError as exc:
+        raise SuvError(exc.code, exc.message, attribute=exc.attribute) from None
+    warnings.extend(SuvWarning(code, message) for code, message in notes)
+    return value
 
 
 def _acquisition_datetimes(headers: Sequence[Mapping[str, Any]]) -> list[dt.datetime | None]:
@@ -701,8 +695,7 @@ def _injection(headers, scan_ref: dt.datetime, warnings) -> tuple[dt.datetime, s
         raise SuvError("missing_injection_time",
                        "RadiopharmaceuticalStartDateTime and RadiopharmaceuticalStartTime are "
                        "both missing or empty, so the uptake time and the decay of the dose are "
-                       "unknown. "
-                       "The site should record the injection time in "
+                       "unknown. The site should record the injection time in "
                        "RadiopharmaceuticalInformationSequence and resend.",
                        attribute="RadiopharmaceuticalStartTime")
     day = dt.datetime(scan_ref.year, scan_ref.month, scan_ref.day)
@@ -744,16 +737,11 @@ def _check_corrected_image(headers, decay_correction: str, warnings) -> None:
 
 def _bqml_factors(headers, sop_class_uid, decay_correction, warnings) -> dict[str, Any]:
     """Factor per slice for activity-concentration images (Bq/mL), with the intermediate values."""
-    weight_kg = _require_positive(
-        _series_value(headers, "PatientWeight"), "PatientWeight", "missing_weight",
-        "body weight in kg",
-        "The site should record the patient weight (kg) measured at the scan and resend.")
-    lo, hi = PLAUSIBLE_WEIGHT_KG
-    if not lo <= weight_kg <= hi:
-        warnings.append(SuvWarning("weight_implausible",
-                                   f"PatientWeight is {weight_kg:g} kg, outside {lo:g}-{hi:g} kg: "
-                                   f"check that it was entered in kg."))
-    dose_bq, dose_unit = _dose_bq(_series_value(headers, "RadionuclideTotalDose"), sop_class_uid)
+    weight_kg = _body_size(patient_weight_kg, warnings, _number(_series_value(
+        headers, "PatientWeight"), "PatientWeight"), needed_for="body weight in kg",
+        patient_size=_get(headers[0], "PatientSize"))  # named in the error if it holds a weight
+    dose_bq, dose_unit = _dose_bq(_series_value(headers, "RadionuclideTotalDose"), sop_class_uid,
+                                  warnings)
     n = len(headers)
     series_date = _series_value(headers, "SeriesDate")
     series_time = _series_value(headers, "SeriesTime")
@@ -766,10 +754,8 @@ def _bqml_factors(headers, sop_class_uid, decay_correction, warnings) -> dict[st
     if decay_correction == "ADMIN":
         # Images are decay corrected to the administration time: no decay of the dose.
         half_life_s = _number(raw_half_life, "RadionuclideHalfLife")
-        values["half_life_s"] = half_life_s
-        values["decayed_dose_bq"] = dose_bq
-        values["slice_decayed_dose_bq"] = (dose_bq,) * n
-        values["factors"] = [weight_kg * 1000.0 / dose_bq] * n
+        values.update(half_life_s=half_life_s, decayed_dose_bq=dose_bq,
+                      slice_decayed_dose_bq=(dose_bq,) * n, factors=[weight_kg * 1000.0 / dose_bq] * n)
         try:  # times are informative only here
             refs, source = _scan_reference(headers, series_dt, half_life_s, [])
             injection, injection_source = _injection(headers, min(refs), [])
@@ -864,10 +850,9 @@ def suvbw_factors(headers: Sequence[Mapping[str, Any] | Any]) -> SuvResult:
     ------
     SuvError
         When SUV cannot be computed; ``.code`` says why (see :class:`SuvError`) and the message
-        names the attribute, the value found and the fix. In particular a classic header whose
-        RadionuclideTotalDose is below ``MIN_PLAUSIBLE_DOSE_BQ`` (e.g. 370.0, really MBq) is
-        refused with ``dose_looks_like_mbq``: nothing is computed rather than a factor a million
-        times off or a guessed unit.
+        names the attribute (and its tag), the value found and the fix. A classic header whose
+        RadionuclideTotalDose is below ``MIN_PLAUSIBLE_DOSE_BQ`` (e.g. 370.0, really MBq) is not
+        refused: it is converted with the warning ``dose_looks_like_mbq``.
 
     Notes
     -----
@@ -911,21 +896,10 @@ def suvbw_factors(headers: Sequence[Mapping[str, Any] | Any]) -> SuvResult:
                        "(Units BQML for activity concentration).", attribute="Units")
     units = str(units).upper()
 
-    if units == "GML":
-        warnings.append(SuvWarning("gml_assumed_suvbw",
-                                   "Units GML: the pixel values were taken as SUVbw already "
-                                   "(factor 1); GML does not say which SUV (bw or lbm)."))
-        return SuvResult(factors_g_per_bq=(1.0,) * len(slices), units_path="GML",
-                         decay_correction=_series_value(slices, "DecayCorrection"),
-                         warnings=tuple(warnings))
-    if units == "CM2ML":
-        raise SuvError("unsupported_units",
-                       "Units is CM2ML: the pixel values are already SUVbsa (body-surface-area "
-                       "normalised, cm2/mL), which cannot be converted to SUVbw without the "
-                       "scanner's BSA formula. The site should send the series reconstructed in "
-                       "BQML (activity concentration).", attribute="Units")
-
+    if units in ("GML", "CM2ML"):
+        return _suv_type_result(slices, units, warnings)
     if units == "CNTS":
+        _check_philips_creator(slices, warnings)
         suv = [_number(_philips(h, "SUVScaleFactor"), "SUVScaleFactor (7053,1000)")
                for h in slices]
         activity = [_number(_philips(h, "ActivityConcentrationScaleFactor"),
@@ -933,13 +907,14 @@ def suvbw_factors(headers: Sequence[Mapping[str, Any] | Any]) -> SuvResult:
         has_suv = all(v is not None and v > 0 for v in suv)
         has_activity = all(v is not None and v > 0 for v in activity)
         if not (has_suv or has_activity):
-            raise SuvError("missing_philips_scale_factor",
-                           "Units is CNTS (scanner counts) and neither Philips private SUV scale "
-                           "factor (7053,1000) nor activity-concentration scale factor "
-                           "(7053,1009) is present and positive in every slice, so counts cannot "
-                           "be converted. The site should resend with the Philips private group "
-                           "kept (not stripped by de-identification) or reconstruct in BQML.",
-                           attribute="PhilipsPETPrivateGroup")
+            zero = " (a factor 0 means not convertible)" if 0 in suv + activity else ""
+            raise SuvError("philips_not_convertible" if zero else "missing_philips_scale_factor",
+                           f"Units is CNTS (scanner counts) and neither Philips private SUV scale "
+                           f"factor (7053,1000) nor activity-concentration scale factor "
+                           f"(7053,1009) is present and positive{zero} in every slice, so counts "
+                           f"cannot be converted. The site should resend with the Philips private "
+                           f"group kept (not stripped by de-identification) or reconstruct in "
+                           f"BQML.", attribute="PhilipsPETPrivateGroup")
         if has_suv:
             if has_activity:
                 _cross_check_philips(slices, sop_class_uid, suv, activity, warnings)
@@ -947,18 +922,10 @@ def suvbw_factors(headers: Sequence[Mapping[str, Any] | Any]) -> SuvResult:
                              units_path="CNTS-philips-suv",
                              decay_correction=_series_value(slices, "DecayCorrection"),
                              weight_kg=_number(_series_value(slices, "PatientWeight"),
-                                               "PatientWeight"),
-                             warnings=tuple(warnings))
-        decay_correction = _decay_correction(slices)
-        _check_corrected_image(slices, decay_correction, warnings)
-        values = _bqml_factors(slices, sop_class_uid, decay_correction, warnings)
-        factors = tuple(a * f for a, f in zip(activity, values.pop("factors")))
-        return SuvResult(factors_g_per_bq=factors, units_path="CNTS-philips-activity",
-                         decay_correction=decay_correction, warnings=tuple(warnings), **values)
-
-    if units != "BQML":
+                                               "PatientWeight"), warnings=tuple(warnings))
+    elif units != "BQML":
         raise SuvError("unsupported_units",
-                       f"Units is {units}; SUVbw is computed from BQML (Bq/mL), GML (SUVbw) or "
+                       f"Units is {units}; SUVbw is computed from BQML (Bq/mL), GML, CM2ML or "
                        f"Philips CNTS with private scale factors only. The site should send the "
                        f"attenuation- and decay-corrected series reconstructed in BQML.",
                        attribute="Units")
@@ -966,8 +933,41 @@ def suvbw_factors(headers: Sequence[Mapping[str, Any] | Any]) -> SuvResult:
     decay_correction = _decay_correction(slices)
     _check_corrected_image(slices, decay_correction, warnings)
     values = _bqml_factors(slices, sop_class_uid, decay_correction, warnings)
-    return SuvResult(factors_g_per_bq=tuple(values.pop("factors")), units_path="BQML",
+    factors, path = values.pop("factors"), "BQML"
+    if units == "CNTS":  # Philips activity-concentration factor: counts -> Bq/mL
+        factors, path = [a * f for a, f in zip(activity, factors)], "CNTS-philips-activity"
+    return SuvResult(factors_g_per_bq=tuple(factors), units_path=path,
                      decay_correction=decay_correction, warnings=tuple(warnings), **values)
+
+
+def _suv_type_result(slices, units: str, warnings: list) -> SuvResult:
+    """Units GML/CM2ML: SUVx of the SUV Type, times ``weight_g / N_x`` (:func:`to_suvbw`)."""
+    suv_type = _series_value(slices, "SUVType")
+    bw = units == "GML" and str(suv_type or "BW").upper() == "BW"  # height and sex not needed
+    norm, factor, weight_kg = _body_size(
+        to_suvbw, warnings, units, suv_type,
+        weight=_number(_series_value(slices, "PatientWeight"), "PatientWeight"),
+        patient_size=None if bw else _number(_series_value(slices, "PatientSize"), "PatientSize"),
+        patient_sex=None if bw else _series_value(slices, "PatientSex"))
+    return SuvResult((factor,) * len(slices), units_path=units, weight_kg=weight_kg,
+                     decay_correction=_series_value(slices, "DecayCorrection"),
+                     warnings=tuple(warnings), suv_type=norm.suv_type, normalisation=norm)
+
+
+def _check_philips_creator(slices, warnings) -> None:
+    """Philips factors read by tag: warn when (7053,0010) was dropped, refuse when it is another."""
+    groups = [g for g in (h.get("PhilipsPETPrivateGroup") for h in slices) if isinstance(g, Mapping)]
+    creators = {str(g.get("PrivateCreator") or "").strip() for g in groups if "PrivateCreator" in g}
+    for other in sorted(c for c in creators if c and c.lower() != _PHILIPS_SUV_FACTOR[2].lower()):
+        raise SuvError("philips_private_creator_mismatch",
+                       f"Units is CNTS and (7053,1000)/(7053,1009) are present, but their private "
+                       f"creator (7053,0010) is {other!r}: they belong to another private block, "
+                       f"not Philips scale factors. The site should resend the series as exported "
+                       f"by the scanner or reconstruct in BQML.", attribute="PhilipsPETPrivateGroup")
+    if "" in creators:
+        warnings.append(SuvWarning("philips_private_creator_missing", "(7053,1000)/(7053,1009) "
+                                   "came without their private creator (7053,0010), dropped on "
+                                   "export; they were read as Philips PET Private Group elements."))
 
 
 def _decay_correction(slices) -> str:
@@ -989,8 +989,7 @@ def _decay_correction(slices) -> str:
 def _cross_check_philips(slices, sop_class_uid, suv, activity, warnings) -> None:
     """Both Philips factors present: the SUV factor is used; warn if the other one disagrees."""
     try:
-        decay_correction = _decay_correction(slices)
-        values = _bqml_factors(slices, sop_class_uid, decay_correction, [])
+        values = _bqml_factors(slices, sop_class_uid, _decay_correction(slices), [])
     except SuvError:
         return
     for i, (s, a, f) in enumerate(zip(suv, activity, values["factors"])):

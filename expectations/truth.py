@@ -14,7 +14,8 @@ FINDINGS_OF_PROBLEM: dict[str, frozenset[str]] = {
     "uptake_out_of_window": frozenset({"uptake_window"}),
     "missing_weight": frozenset({"weight_recorded", "suv_computable", "header_complete"}),
     "wrong_units": frozenset({"units_bqml", "suv_computable"}),
-    "dose_in_mbq": frozenset({"activity_plausible_mbq", "activity_per_kg", "suv_computable"}),
+    # SUV converts the MBq dose (with a warning), so suv_computable passes; the activity rules report it.
+    "dose_in_mbq": frozenset({"activity_plausible_mbq", "activity_per_kg"}),
     "scanner_not_accredited": frozenset({"scanner_accredited"}),
     "software_version_changed": frozenset({"scanner_software_registered"}),
     "patient_name_in_header": frozenset({"quarantine:deid_failed"}),

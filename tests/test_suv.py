@@ -256,18 +256,21 @@ def test_series_after_acquisition_prefers_ge_private_datetime():
     assert r.factors_g_per_bq[0] == pytest.approx(expected_factor(3900), rel=1e-12)
 
 
-def test_gml_is_already_suv():
+def test_gml_without_suv_type_is_taken_as_suvbw():
     r = suvbw_factors([header(Units="GML"), header(Units="GML")])
     assert r.factors_g_per_bq == (1.0, 1.0)
     assert r.units_path == "GML"
+    assert r.suv_type == "BW"
     assert "gml_assumed_suvbw" in r.warning_codes
+    assert "SUVType (0054,1006)" in r.warnings[0].message
 
 
-def test_cm2ml_is_refused():
+def test_cm2ml_is_suvbsa_and_needs_the_height():
+    # The full set of SUV Types is tested in tests/test_suv_types.py.
     with pytest.raises(SuvError) as err:
         suvbw_factors([header(Units="CM2ML")])
-    assert err.value.code == "unsupported_units"
-    assert "SUVbsa" in str(err.value) and "BQML" in str(err.value)
+    assert err.value.code == "missing_height" and err.value.attribute == "PatientSize"
+    assert "PatientSize (0010,1020)" in str(err.value) and "BQML" in str(err.value)
 
 
 def test_other_units_are_refused():
@@ -318,16 +321,24 @@ def test_enhanced_pet_dose_in_bq_is_refused():
     assert err.value.code == "dose_looks_like_bq"
 
 
-def test_classic_dose_in_mbq_is_refused_not_guessed():
+def test_classic_dose_in_mbq_is_converted_with_a_warning():
+    # Facts section 4: recognise the unit by its value, compute, warn, keep it a deviation.
+    r = suvbw_factors([header(RadionuclideTotalDose=370.0)])
+    assert r.dose_unit_assumed == "MBq"
+    assert r.dose_bq == 370.0 * 1e6
+    assert r.factors_g_per_bq[0] == pytest.approx(expected_factor(3600), rel=1e-12)
+    [w] = [w for w in r.warnings if w.code == "dose_looks_like_mbq"]
+    assert "RadionuclideTotalDose (0018,1074)" in w.message and "MBq" in w.message
+    assert "370000000" in w.message  # the corrected value the site should send
+    assert "deviation" in w.message and "20240101" not in w.message
+
+
+@pytest.mark.parametrize("dose", [0.05, 2.0e11])
+def test_dose_implausible_in_either_unit_is_refused(dose):
+    # 0.05 MBq = 5e4 Bq is below 1e5 Bq; 2e11 Bq is above 1e11 Bq.
     with pytest.raises(SuvError) as err:
-        suvbw_factors([header(RadionuclideTotalDose=370.0)])
-    e = err.value
-    assert e.code == "dose_looks_like_mbq"
-    assert e.attribute == "RadionuclideTotalDose"
-    msg = str(e)
-    assert "370" in msg and "read as Bq" in msg and "MBq" in msg
-    assert "370000000" in msg  # the corrected value the site should send
-    assert "20240101" not in msg
+        suvbw_factors([header(RadionuclideTotalDose=dose)])
+    assert err.value.code == "dose_implausible" and err.value.attribute == "RadionuclideTotalDose"
 
 
 @pytest.mark.parametrize(
