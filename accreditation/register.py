@@ -16,6 +16,11 @@ Statuses (``corelab.models.ACCREDITATION_STATUSES``):
   NEMA IEC and cylinder results analysed *after the change* have not both arrived yet. When
   they have, the reason is cleared (with an audit event) and the status follows the results.
 
+Only decisive results count: a ``withheld`` result (sphere names in doubt, see
+:func:`accreditation.evaluate.overall_verdict`) is kept in the history but grants, fails,
+suspends, clears or expires nothing; the register rests on the newest *decisive* results, so
+a scanner with no other NEMA IEC result stays ``pending``.
+
 The time of a change is that of the newest ``scanner.requalification`` audit event of the
 scanner (written by :func:`require_requalification`); a reason set without one (e.g. by ingest,
 at first sight of a new serial number) dates from the scanner's ``first_seen``.
@@ -33,6 +38,9 @@ from corelab.models import Accreditation, AuditEvent, PhantomResult, Scanner, Se
 from corelab.register import REQUALIFICATION_ACTION, flag_requalification, requalification_since  # noqa: F401
 
 """Audit action that dates a scanner change."""
+
+DECISIVE_VERDICTS = ("pass", "fail")
+"""Verdicts the register acts on; any other (``withheld``) leaves it as it was."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,8 @@ def _aware(t: dt.datetime) -> dt.datetime:
 def _newest(session: Session, scanner_id: int, kind: str, standard: str,
             since: dt.datetime | None = None) -> PhantomResult | None:
     rows = session.exec(select(PhantomResult).where(PhantomResult.scanner_id == scanner_id,
-                                                    PhantomResult.kind == kind)
+                                                    PhantomResult.kind == kind,
+                                                    col(PhantomResult.verdict).in_(DECISIVE_VERDICTS))
                         .where((PhantomResult.standard == standard) | (PhantomResult.kind == "uniform_cylinder"))
                         .order_by(col(PhantomResult.scan_date).desc(), col(PhantomResult.id).desc())).all()
     if since is not None:

@@ -17,6 +17,7 @@ import pydicom
 from sqlmodel import Session, col, select
 
 from corelab import __version__, audit
+from corelab.dicomio import newest_instances
 from corelab.models import Deviation, Instance, Scanner, Series, Site, Study, Subject, Trial, Visit, utcnow
 from corelab.queries import accredited_on
 from corelab.register import flag_requalification
@@ -42,12 +43,14 @@ class QcOutcome:
 
 
 def series_headers(session: Session, settings: Settings, series: Series) -> list[pydicom.Dataset]:
-    """Headers of the newest version of every instance of a series, read from the spool."""
-    newest: dict[str, Instance] = {}
-    for inst in session.exec(select(Instance).where(Instance.series_id == series.id)):
-        if inst.sop_instance_uid not in newest or inst.version > newest[inst.sop_instance_uid].version:
-            newest[inst.sop_instance_uid] = inst
-    return [pydicom.dcmread(settings.data_dir / inst.path, stop_before_pixels=True) for inst in newest.values()]
+    """Headers of the newest version of every instance of a series, read from the spool.
+
+    The newest version is chosen by :func:`corelab.dicomio.newest_instances`, the one rule every
+    reader of a series uses (phantom analysis and reports too).
+    """
+    paths = [settings.data_dir / path for path in
+             session.exec(select(Instance.path).where(Instance.series_id == series.id).order_by(col(Instance.id)))]
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in newest_instances(paths)]
 
 
 def _context(session: Session, series: Series) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -21,9 +23,10 @@ def accredit_scanners(scope: str, standard: str = "EARL1", series: list[tuple] |
     """Analyse received phantom series (all pending ones by default) and update the register.
 
     ``series`` items are ``(series id, series UID)`` or ``(series id, series UID, scanner code)``.
-    Leaves two artifacts: the results with their RC tables against the standard's bands
-    (``accreditation-<scope>``) and the accreditations expiring within ``warn_days``
-    (``accreditation-expiries``).
+    Leaves two artifacts: the results with their RC tables against the standard's bands and,
+    per NEMA IEC phantom, the sphere-assignment figure (the axial plane with each sphere's name at
+    its fitted centre; a withheld verdict says why) (``accreditation-<scope>``), and the
+    accreditations expiring within ``warn_days`` (``accreditation-expiries``).
     """
     todo = series if series is not None else find_phantom_series()
     futures = [accredit_phantom.submit(item[0], item[1], standard, scope, item[2] if len(item) > 2 else "")
@@ -45,7 +48,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def _rc_table(r: dict) -> list[str]:
-    """Per sphere and metric: value, band, margin, verdict (from the stored checks)."""
+    """Per sphere and metric: value, band, margin, verdict (from the stored checks; none when withheld)."""
     checks = (r.get("checks") or {}).get("checks") or []
     spheres = (r.get("metrics") or {}).get("spheres") or []
     by_key = {(c["metric"], c["diameter_mm"]): c for c in checks}
@@ -60,13 +63,29 @@ def _rc_table(r: dict) -> list[str]:
             if c is None:
                 cells.append(_fmt(s.get(m)))
                 continue
-            mark = "ok" if c["passed"] else "**FAIL**"
+            mark = ("ok" if c["passed"] else "**FAIL**") if not r.get("withheld") else "not judged"
             note = "" if c["verified"] else " (unverified)"
             cells.append(f"{_fmt(c['value'])} [{c['low']:.2f}-{c['high']:.2f}] {_fmt(c['margin'], '+.3f')} "
                          f"{mark}{note}")
         nema = f"{_fmt(s.get('percent_contrast'), '.1f')} | {_fmt(s.get('background_variability_pct'), '.2f')}"
         lines.append(f"| {s['diameter_mm']:g} | " + " | ".join(cells) + f" | {nema} |")
     return lines
+
+
+def _verdict_cell(r: dict) -> str:
+    w = r.get("withheld")
+    return f"**withheld: {w.get('reason', 'localisation uncertain')}**" if w else f"**{r['verdict']}**"
+
+
+def _figure_markdown(r: dict) -> list[str]:
+    """The sphere-assignment PNG embedded as a data: URI (both Prefect UIs show data:image in markdown)."""
+    path = Path(r["figure"]) if r.get("figure") else None
+    if path is None or not path.is_file():
+        return []
+    uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return ["", f"![sphere assignment of {r.get('scanner') or ''}: each label at its fitted centre]({uri})", "",
+            "*Axial plane through the sphere centres; each label is the diameter (mm) the analysis gave the sphere "
+            "found there, at its fitted centre; beneath it the volume measured there / the nominal volume.*"]
 
 
 def _markdown(results: list[dict], standard: str) -> str:
@@ -83,15 +102,23 @@ def _markdown(results: list[dict], standard: str) -> str:
         else:
             key = r.get("error", "")
         lines.append(f"| {r.get('scanner') or ''} | {r['series_uid'][-12:]} | {r.get('kind', '')} | "
-                     f"**{r['verdict']}** | {r.get('accreditation') or ''} | {r.get('valid_until') or ''} | {key} |")
+                     f"{_verdict_cell(r)} | {r.get('accreditation') or ''} | {r.get('valid_until') or ''} | {key} |")
     for r in results:
         if r.get("kind") != "nema_iec":
             continue
         m = r.get("metrics") or {}
-        lines += ["", f"## {r.get('scanner') or ''} NEMA IEC ({r['series_uid'][-12:]}): **{r['verdict']}**", "",
-                  f"RCpeak placement: {m.get('rc_peak_placement', '')}; margins are the distance to the nearer "
-                  "band edge (negative outside); unverified bands are shown but do not decide the verdict.", ""]
+        lines += ["", f"## {r.get('scanner') or ''} NEMA IEC ({r['series_uid'][-12:]}): {_verdict_cell(r)}", ""]
+        w = r.get("withheld")
+        if w:
+            lines += [f"> **Withheld: {w.get('reason', 'localisation uncertain')}.** Neither pass nor fail; the "
+                      "register is unchanged by this result. The RC values below may belong to other spheres.", ">"]
+            lines += [f"> - {d}" for d in w.get("details") or []]
+            lines += [">", f"> To do: {w.get('action', '')}", ""]
+        lines += [f"RCpeak placement: {m.get('rc_peak_placement', '')}; localisation: {m.get('localisation', '')}; "
+                  "margins are the distance to the nearer band edge (negative outside); unverified bands are shown "
+                  "but do not decide the verdict.", ""]
         lines += _rc_table(r)
+        lines += _figure_markdown(r)
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 A fill sheet is a YAML file the site sends with its phantom scan::
 
-    kind: nema_iec                 # or uniform_cylinder
+    kind: nema_iec                 # or uniform_cylinder; optional, see below
     scanner: A01-1                 # optional: the core lab's scanner code
     sphere_kbq_ml: 20.0            # NEMA IEC: sphere fill at reference_time
     background_kbq_ml: 2.0         # NEMA IEC: background fill at reference_time
@@ -11,6 +11,12 @@ A fill sheet is a YAML file the site sends with its phantom scan::
     reference_time: 2031-03-04T09:15:00   # ISO 8601, when the concentrations above held
     radionuclide: F-18
     half_life_s: 6586.2            # optional; known radionuclides have a default
+
+Without ``kind``, the concentrations say which phantom it is: sphere and background
+concentrations (and no cylinder concentration) make a NEMA IEC fill sheet, a cylinder
+concentration alone a uniform-cylinder one. Anything else (both, neither, a sphere
+concentration without a background one) is refused, asking for ``kind``. The fill sheet records
+how its kind was known (:attr:`FillSheet.kind_source`).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class FillSheet:
     scanner: str | None = None
     source: str = ""
     half_life_given: bool = False
+    kind_source: str = "given"  # or what it was inferred from, see infer_kind
 
     def decay_factor(self, scan_time: dt.datetime | None) -> float:
         """Fraction of the reference-time activity left at ``scan_time`` (1.0 when unknown)."""
@@ -63,10 +70,36 @@ class TrueConcentrations:
                 "provenance": self.provenance}
 
 
+def _present(doc: dict, key: str) -> bool:
+    return doc.get(key) not in (None, "")
+
+
+def infer_kind(doc: dict) -> tuple[str, str] | None:
+    """The phantom kind of a fill sheet without ``kind``, from its concentrations.
+
+    Returns ``(kind, why)``: ``nema_iec`` when it has ``sphere_kbq_ml`` and ``background_kbq_ml``
+    and no ``concentration_kbq_ml``; ``uniform_cylinder`` when it has ``concentration_kbq_ml``
+    and neither sphere nor background concentration. None when they do not say (both kinds'
+    keys, neither, or a sphere concentration without a background one).
+    """
+    sphere, background = _present(doc, "sphere_kbq_ml"), _present(doc, "background_kbq_ml")
+    cylinder = _present(doc, "concentration_kbq_ml")
+    if sphere and background and not cylinder:
+        return "nema_iec", "inferred: sphere_kbq_ml and background_kbq_ml, no kind given"
+    if cylinder and not (sphere or background):
+        return "uniform_cylinder", "inferred: concentration_kbq_ml alone, no kind given"
+    return None
+
+
 def parse_fill_sheet(doc: dict, *, source: str = "fill sheet") -> FillSheet:
-    kind = doc.get("kind")
+    kind, kind_source = doc.get("kind"), "given"
+    if kind in (None, "") and infer_kind(doc) is not None:
+        kind, kind_source = infer_kind(doc)
     if kind not in ("nema_iec", "uniform_cylinder"):
-        raise FillSheetError(f"{source}: 'kind' is {kind!r}; use nema_iec or uniform_cylinder")
+        hint = ("" if kind not in (None, "") else
+                "; without it the concentrations must say: sphere_kbq_ml and background_kbq_ml (NEMA IEC) "
+                "or concentration_kbq_ml alone (uniform cylinder)")
+        raise FillSheetError(f"{source}: 'kind' is {kind!r}; use nema_iec or uniform_cylinder{hint}")
     needed = ("sphere_kbq_ml", "background_kbq_ml") if kind == "nema_iec" else ("concentration_kbq_ml",)
     for key in needed + ("reference_time", "radionuclide"):
         if doc.get(key) in (None, ""):
@@ -92,7 +125,8 @@ def parse_fill_sheet(doc: dict, *, source: str = "fill sheet") -> FillSheet:
             concentrations[key] = value
     return FillSheet(kind=kind, reference_time=reference_time, radionuclide=str(doc["radionuclide"]),
                      half_life_s=float(half_life), concentrations_kbq_ml=concentrations,
-                     scanner=doc.get("scanner"), source=source, half_life_given=bool(doc.get("half_life_s")))
+                     scanner=doc.get("scanner"), source=source, half_life_given=bool(doc.get("half_life_s")),
+                     kind_source=kind_source)
 
 
 def load_fill_sheet(path: Path) -> FillSheet:

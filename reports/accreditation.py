@@ -2,29 +2,36 @@
 
 Everything shown comes from the store (the register's accreditation, its evidence: the NEMA IEC
 and uniform-cylinder :class:`~corelab.models.PhantomResult` with their checks and fill-sheet
-provenance) and from the phantom images in the spool for the three-plane views. Nothing is
-computed here beyond choosing, naming and formatting.
+provenance) and from the phantom images in the spool for the three-plane views and the sphere
+assignment (the axial plane with each sphere's name at its fitted centre). The images are read
+through :func:`corelab.dicomio.newest_instances`: a re-sent slice replaces its earlier version.
+A withheld NEMA IEC result (localisation uncertain) is shown as such and decides nothing.
+Nothing is computed here beyond choosing, naming and formatting.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import matplotlib.pyplot as plt
 from sqlmodel import Session, col, select
 
+from accreditation.evaluate import WITHHELD, AxialPlane, sphere_plane
 from accreditation.register import effective_status
 from accreditation.standards import StandardError, load_standard
-from corelab.dicomio import load_volume
+from corelab.dicomio import Volume, load_volume, newest_instances
 from corelab.ingest import series_dir
 from corelab.models import Accreditation, PhantomResult, Scanner, Series, Site
 from corelab.settings import Settings
 from reports.render import ReportError, ReportSpec
-from reports.report_figures import METRIC_LABELS, axial_profile, phantom_planes, recovery_curve
+from reports.report_figures import (METRIC_LABELS, WITHHELD_COLOUR, axial_profile, phantom_planes, recovery_curve,
+                                    sphere_assignment)
 
-__all__ = ["accreditation_report", "report_key"]
+__all__ = ["accreditation_report", "report_key", "sphere_assignment_figure", "series_volume"]
 
 _STATUS = {
     "accredited": ("ACCREDITED", "pass"),
@@ -45,6 +52,10 @@ _ACTION = {
                  "scans; trial scans may resume once they pass.",
     "pending": "Send the missing phantom scan (NEMA IEC or uniform cylinder) with its fill sheet.",
 }
+_ACTION_WITHHELD = ("No new scan is needed for now: the verdict on the NEMA IEC scan is withheld because the "
+                    "spheres could not be named with confidence from the image. The core lab places the sphere "
+                    "centres by hand and issues a new version of this report; it will ask if it needs the "
+                    "phantom's position on the couch.")
 _PATH = re.compile(r"(/[^\s,]+/)([^/\s,]+)")
 
 
@@ -79,9 +90,16 @@ def _fill(result: PhantomResult) -> dict:
             "half_life_source": _short((f.get("provenance") or {}).get("half_life_s", ""))}
 
 
+def _withheld(result: PhantomResult) -> dict | None:
+    w = (result.metrics or {}).get("withheld") if result.verdict == WITHHELD else None
+    if result.verdict == WITHHELD and not w:
+        w = {"reason": "localisation uncertain", "details": []}
+    return {"reason": w.get("reason", "localisation uncertain"), "details": list(w.get("details") or [])} if w else None
+
+
 def _common(result: PhantomResult, series: Series) -> dict:
     return {"result_id": result.id, "series_uid": series.series_uid, "scan_date": _iso(result.scan_date),
-            "analysed_on": _iso(result.analysed_at.date()), "verdict": result.verdict,
+            "analysed_on": _iso(result.analysed_at.date()), "verdict": result.verdict, "withheld": _withheld(result),
             "standard": result.standard, "standard_version": result.standard_version,
             "corelab_version": result.corelab_version, "input_sha256": result.input_sha256,
             "notes": list((result.metrics or {}).get("notes") or []), "fill": _fill(result)}
@@ -103,14 +121,20 @@ def _nema(result: PhantomResult, series: Series) -> dict:
                                  "margin": c["margin"] if c else None, "passed": c["passed"] if c else None,
                                  "verified": c["verified"] if c else None}
         spheres.append(row)
+    withheld = result.verdict == WITHHELD
+    if withheld:  # the values may belong to other spheres: shown, never marked pass or fail
+        for row in spheres:
+            for cell in row["metrics"].values():
+                cell["passed"] = None
     failures = [f"{METRIC_LABELS.get(c['metric'], c['metric'])} {c['diameter_mm']:g} mm sphere: {c['value']:.3f}, "
                 f"band {c['low']:.2f}-{c['high']:.2f} (margin {c['margin']:+.3f})"
-                for c in checks if not c["passed"] and c["verified"]]
+                for c in checks if not c["passed"] and c["verified"] and not withheld]
     return {**_common(result, series), "spheres": spheres, "metrics": metrics,
             "banded": [k for k in metrics if any(c["metric"] == k for c in checks)],
             "metric_labels": {k: METRIC_LABELS[k] for k in metrics}, "checks": checks, "failures": failures,
             "n_checks": sum(1 for c in checks if c["verified"]),
             "n_failed": len(failures), "lung_residual_pct": m.get("lung_residual_pct"),
+            "localisation_uncertain": bool(m.get("localisation_uncertain")),
             "rc_peak_placement": m.get("rc_peak_placement"), "localisation": m.get("localisation"),
             "fit_rms_mm": m.get("fit_rms_mm"), "n_background_rois": m.get("n_background_rois"),
             "sphere_kbq_ml": m.get("sphere_kbq_ml"), "background_kbq_ml": m.get("background_kbq_ml")}
@@ -144,7 +168,73 @@ def _evidence(session: Session, scanner: Scanner, acc: Accreditation) -> dict[st
     return out
 
 
+def _withheld_elsewhere(session: Session, scanner: Scanner,
+                        shown: dict[str, tuple[PhantomResult, Series]]) -> list[dict]:
+    """Withheld results of the scanner newer than the result shown for their kind (not counted)."""
+    rows = session.exec(select(PhantomResult, Series).join(Series, PhantomResult.series_id == Series.id)
+                        .where(PhantomResult.scanner_id == scanner.id, PhantomResult.verdict == WITHHELD)
+                        .order_by(col(PhantomResult.id))).all()
+    out = []
+    for r, s in rows:
+        current = shown.get(r.kind)
+        if current is not None and (current[0].id == r.id or current[0].id > r.id):
+            continue
+        w = _withheld(r)
+        out.append({"kind": r.kind, "result_id": r.id, "scan_date": _iso(r.scan_date), "series_uid": s.series_uid,
+                    "reason": w["reason"], "details": w["details"]})
+    return out
+
+
 # --- figures: drawn from the saved data (and the images, for the planes) -----------------------
+
+def series_volume(settings: Settings, session: Session, series_id: int) -> Volume:
+    """The image volume of a stored series, from the newest version of each of its instances."""
+    folder = series_dir(settings, session.get(Series, series_id), session)
+    return load_volume(newest_instances(sorted(folder.glob("*.dcm"))))
+
+
+def _assignment_spheres(metrics: Mapping, checks: Sequence[Mapping]) -> list[dict]:
+    """Per sphere: name, fitted centre, the volume measured there and the nominal one, verdict."""
+    check = metrics.get("identity_check") or {}
+    measured, nominal = check.get("measured_volume_ml") or {}, check.get("nominal_volume_ml") or {}
+    out = []
+    for s in metrics.get("spheres") or []:
+        d = float(s["diameter_mm"])
+        key = f"{d:g}"
+        verdicts = [c["passed"] for c in checks if c.get("diameter_mm") == s["diameter_mm"] and c.get("verified")]
+        out.append({"diameter_mm": d, "centre_mm": s.get("centre_mm"),
+                    "measured_volume_ml": measured.get(key, s.get("voi_volume_ml")),
+                    "nominal_volume_ml": nominal.get(key, math.pi / 6.0 * d ** 3 / 1000.0),
+                    "passed": all(verdicts) if verdicts else None})
+    return out
+
+
+def sphere_assignment_figure(metrics: Mapping, checks: Sequence[Mapping], plane: AxialPlane | None, *,
+                             withheld: str | None = None):
+    """The sphere-assignment figure of a NEMA IEC result: the axial plane through the sphere
+    centres with each sphere's name at its fitted centre (:func:`reports.report_figures.sphere_assignment`).
+
+    Parameters
+    ----------
+    metrics : mapping
+        The analysis result (``NemaIecResult.to_dict()``, or the stored metrics).
+    checks : sequence of mapping
+        The verdict's checks (colour of each sphere).
+    plane : AxialPlane
+        From :func:`accreditation.evaluate.sphere_plane`.
+    withheld : str, optional
+        The reason the verdict is withheld, for the title.
+    """
+    fig, ax = plt.subplots(figsize=(4.4, 4.6), constrained_layout=True)
+    if plane is None:
+        ax.text(0.5, 0.5, "no sphere centres in the result", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    sphere_assignment(ax, plane.image_kbq_ml, plane.origin_mm, plane.pixel_mm, plane.z_mm,
+                      _assignment_spheres(metrics, checks), ring_centre_mm=metrics.get("ring_centre_mm"),
+                      withheld=withheld)
+    return fig
+
 
 def _fig_recovery(nema: dict):
     fig, axes = plt.subplots(1, len(nema["metrics"]), figsize=(7.2, 2.5), constrained_layout=True)
@@ -162,16 +252,21 @@ def _fig_profile(cyl: dict):
     return fig
 
 
-def _fig_planes(settings: Settings, session: Session, series_id: int, kind: str, part: dict):
-    series = session.get(Series, series_id)
-    folder = series_dir(settings, series, session)
-    volume = load_volume(sorted(folder.glob("*.dcm")))
+def _fig_assignment(volume, metrics: dict, withheld: dict | None):
+    plane = sphere_plane(volume(), metrics)
+    checks = (metrics.get("checks") or {}).get("checks") or []
+    return sphere_assignment_figure(metrics, checks, plane, withheld=withheld["reason"] if withheld else None)
+
+
+def _fig_planes(volume, kind: str, part: dict):
+    volume = volume()
     array = volume.array / 1000.0  # Bq/mL -> kBq/mL
     fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.7), constrained_layout=True)
     if kind == "nema_iec":
         vois = [{"shape": "sphere", "centre_mm": s["centre_mm"], "radius_mm": s["diameter_mm"] / 2,
                  "label": f"{s['diameter_mm']:g}",
-                 "passed": all(v["passed"] is not False or not v["verified"] for v in s["metrics"].values())}
+                 "passed": all(v["passed"] is not False or not v["verified"] for v in s["metrics"].values()),
+                 "colour": WITHHELD_COLOUR if part.get("withheld") else None}
                 for s in part["spheres"] if s.get("centre_mm")]
         through = max(part["spheres"], key=lambda s: s["diameter_mm"])["centre_mm"]
     else:
@@ -221,8 +316,17 @@ def accreditation_report(session: Session, scanner_code: str, *, settings: Setti
     evidence = _evidence(session, scanner, acc)
     nema = _nema(*evidence["nema_iec"]) if "nema_iec" in evidence else None
     cyl = _cylinder(*evidence["uniform_cylinder"]) if "uniform_cylinder" in evidence else None
+    withheld_elsewhere = _withheld_elsewhere(session, scanner, evidence)
     headline, css = _STATUS.get(status, (status.upper(), "warn"))
     failures = (nema["failures"] if nema else []) + (cyl["failures"] if cyl else [])
+    withheld_notes = [f"{'NEMA IEC' if w['kind'] == 'nema_iec' else 'uniform cylinder'} scan of {w['scan_date']} "
+                      f"(result {w['result_id']}): withheld: {w['reason']}"
+                      + (f" ({'; '.join(w['details'])})" if w["details"] else "") + "; not counted"
+                      for w in withheld_elsewhere]
+    if nema and nema["withheld"]:
+        withheld_notes.insert(0, f"NEMA IEC scan of {nema['scan_date']} (result {nema['result_id']}): withheld: "
+                                 f"{nema['withheld']['reason']}" + (f" ({'; '.join(nema['withheld']['details'])})"
+                                                                    if nema["withheld"]["details"] else ""))
     if status == "accredited":
         summary = (f"Meets {acc.standard} ({std_version}) for {acc.scope_kind} {acc.scope}; valid "
                    f"{_iso(acc.valid_from)} to {_iso(acc.valid_until)}.")
@@ -233,8 +337,15 @@ def accreditation_report(session: Session, scanner_code: str, *, settings: Setti
     elif status == "suspended":
         summary = f"Suspended: {scanner.requalification_reason}."
     else:
-        summary = "Waiting for " + " and ".join(k for k, v in (("a NEMA IEC result", nema),
-                                                                ("a uniform-cylinder result", cyl)) if v is None) + "."
+        missing = [k for k, v in (("a NEMA IEC result", nema and not nema["withheld"]),
+                                  ("a uniform-cylinder result", cyl)) if not v]
+        summary = "Waiting for " + " and ".join(missing) + "."
+        if nema and nema["withheld"]:
+            summary = ("Waiting for " + " and ".join(missing) + ": the verdict on the NEMA IEC scan of "
+                       f"{nema['scan_date']} is withheld ({nema['withheld']['reason']}).")
+    action = _ACTION.get(status, "")
+    if status == "pending" and nema and nema["withheld"]:
+        action = _ACTION_WITHHELD + ("" if cyl else " " + _ACTION["pending"])
     data = {
         "site": {"code": site.code, "name": site.name},
         "scanner": {"code": scanner.code, "manufacturer": scanner.manufacturer, "model": scanner.model,
@@ -244,19 +355,31 @@ def accreditation_report(session: Session, scanner_code: str, *, settings: Setti
                           "valid_from": _iso(acc.valid_from), "valid_until": _iso(acc.valid_until),
                           "requalification_reason": scanner.requalification_reason},
         "verdict": {"headline": headline, "css": css, "summary": summary, "failures": failures,
-                    "action": _ACTION.get(status, "")},
+                    "withheld": withheld_notes, "action": action},
         "nema": nema, "cylinder": cyl,
         # not hashed: a new day alone does not make a new version (a change of status does)
         "meta": {"judged_on": today.isoformat(),
                  "days_left": (acc.valid_until - today).days if acc.valid_until else None},
     }
+    volumes: dict[int, Volume] = {}
+
+    def volume_of(series_id: int):  # each phantom volume is read once, when a figure first needs it
+        def load():
+            if series_id not in volumes:
+                volumes[series_id] = series_volume(settings, session, series_id)
+            return volumes[series_id]
+        return load
+
     figures = {}
     if nema:
+        nema_volume = volume_of(evidence["nema_iec"][1].id)
         figures["recovery"] = partial(_fig_recovery, nema)
-        figures["nema_planes"] = partial(_fig_planes, settings, session, evidence["nema_iec"][1].id, "nema_iec", nema)
+        figures["sphere_assignment"] = partial(_fig_assignment, nema_volume, evidence["nema_iec"][0].metrics or {},
+                                               nema["withheld"])
+        figures["nema_planes"] = partial(_fig_planes, nema_volume, "nema_iec", nema)
     if cyl:
         figures["profile"] = partial(_fig_profile, cyl)
-        figures["cylinder_planes"] = partial(_fig_planes, settings, session, evidence["uniform_cylinder"][1].id,
+        figures["cylinder_planes"] = partial(_fig_planes, volume_of(evidence["uniform_cylinder"][1].id),
                                              "uniform_cylinder", cyl)
     return ReportSpec(kind="accreditation", key=report_key(scanner.code, acc.standard),
                       title=f"Scanner accreditation: {scanner.code} ({acc.standard})", template="accreditation.html.j2",

@@ -13,13 +13,16 @@ from collections.abc import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # reports are rendered headless
+import matplotlib.patheffects as path_effects  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
 
 PASS_COLOUR, FAIL_COLOUR, BAND_COLOUR, LINE_COLOUR = "#1e8449", "#c0392b", "#cfe8d8", "#1f3b5a"
+WITHHELD_COLOUR = "#b9770e"
 METRIC_LABELS = {"rc_mean": "RCmean (A50)", "rc_max": "RCmax", "rc_peak": "RCpeak (1 mL)"}
 
-__all__ = ["recovery_curve", "axial_profile", "phantom_planes", "deviations_by_rule_bars", "METRIC_LABELS"]
+__all__ = ["recovery_curve", "axial_profile", "phantom_planes", "sphere_assignment", "deviations_by_rule_bars",
+           "METRIC_LABELS"]
 
 
 def _tidy(ax) -> None:
@@ -111,7 +114,7 @@ def phantom_planes(axes: Sequence, array: np.ndarray, voxel_mm: Sequence[float],
     vois : sequence of mapping
         ``{"shape": "sphere", "centre_mm": (x, y, z), "radius_mm", "label", "passed"}`` or
         ``{"shape": "cylinder", "centre_mm", "radius_mm", "length_mm", "label", "passed"}``
-        (axis along z).
+        (axis along z); an optional ``colour`` overrides the pass/fail colour.
     """
     dz, dy, dx = (float(v) for v in voxel_mm)
     ox, oy, oz = (float(v) for v in origin_mm)
@@ -136,7 +139,7 @@ def phantom_planes(axes: Sequence, array: np.ndarray, voxel_mm: Sequence[float],
         ax.imshow(img, extent=extent, origin=origin, aspect="equal", **style)
         for voi in vois:
             c = [float(t) for t in voi["centre_mm"]]
-            colour = PASS_COLOUR if voi.get("passed", True) else FAIL_COLOUR
+            colour = voi.get("colour") or (PASS_COLOUR if voi.get("passed", True) else FAIL_COLOUR)
             if voi["shape"] == "sphere":
                 d = abs(c[n] - pos)
                 if d >= voi["radius_mm"]:
@@ -160,6 +163,78 @@ def phantom_planes(axes: Sequence, array: np.ndarray, voxel_mm: Sequence[float],
         ax.set_title(title, fontsize=8)
         ax.tick_params(labelsize=6)
         ax.set_xlabel("mm", fontsize=6)
+
+
+def sphere_assignment(ax, image: np.ndarray, origin_mm: Sequence[float], pixel_mm: Sequence[float], z_mm: float,
+                      spheres: Sequence[Mapping], *, ring_centre_mm: Sequence[float] | None = None,
+                      withheld: str | None = None) -> None:
+    """The axial plane through the sphere centres, each sphere's name drawn at its fitted centre.
+
+    So a physicist sees at a glance which blob the analysis called which sphere: the label is the
+    nominal diameter (mm) the analysis gave the sphere found there, the circle that sphere's
+    nominal size, and beneath the label the volume measured there against the nominal volume.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+    image : ndarray of shape (rows, cols)
+        The plane (any unit); rows along +y, columns along +x.
+    origin_mm : (x, y)
+        Patient position of the centre of pixel ``[0, 0]``.
+    pixel_mm : (row spacing, column spacing)
+    z_mm : float
+        Patient z of the plane (a sphere whose centre is off the plane by more than its radius
+        is drawn dashed, at its nominal size).
+    spheres : sequence of mapping
+        ``diameter_mm``, ``centre_mm`` (x, y, z), optional ``measured_volume_ml``,
+        ``nominal_volume_ml`` and ``passed`` (False: red outline; None: neutral).
+    ring_centre_mm : (x, y, z), optional
+        The lung-insert axis, marked with a cross.
+    withheld : str, optional
+        The verdict is withheld: the title says so (in amber) with this reason.
+    """
+    dy, dx = (float(v) for v in pixel_mm)
+    ox, oy = (float(v) for v in origin_mm[:2])
+    rows, cols = image.shape
+    extent = (ox - dx / 2, ox + (cols - 0.5) * dx, oy + (rows - 0.5) * dy, oy - dy / 2)
+    placed = [s for s in spheres if s.get("centre_mm")]
+    vmax = float(np.percentile(image, 99.9)) * 1.1 or 1.0
+    ax.imshow(image, extent=extent, origin="upper", cmap="Greys", vmin=0, vmax=vmax, interpolation="nearest",
+              aspect="equal")
+    outline = [path_effects.withStroke(linewidth=2.6, foreground="white")]
+    for s in placed:
+        x, y, z = (float(v) for v in s["centre_mm"])
+        r = float(s["diameter_mm"]) / 2
+        colour = (WITHHELD_COLOUR if withheld else FAIL_COLOUR if s.get("passed") is False
+                  else PASS_COLOUR if s.get("passed") else LINE_COLOUR)
+        off = abs(z - z_mm)
+        ax.add_patch(Circle((x, y), math.sqrt(r * r - off * off) if off < r else r, fill=False, edgecolor=colour,
+                            linewidth=1.3, linestyle="-" if off < r else "--"))
+        ax.annotate(f"{float(s['diameter_mm']):g}", (x, y), ha="center", va="center", fontsize=11,
+                    fontweight="bold", color=colour, path_effects=outline)
+        measured, nominal = s.get("measured_volume_ml"), s.get("nominal_volume_ml")
+        if measured is not None:
+            text = f"{measured:.2f} mL" if nominal is None else f"{measured:.2f} / {nominal:.2f} mL"
+            ax.annotate(text, (x, y + max(r, 6.0) + 3.0), ha="center", va="top", fontsize=7, color=colour,
+                        path_effects=outline)
+    if ring_centre_mm is not None:
+        ax.plot([float(ring_centre_mm[0])], [float(ring_centre_mm[1])], marker="+", markersize=9, color=LINE_COLOUR,
+                markeredgewidth=1.2)
+    if placed:  # the ring and a margin for the labels: spheres large enough to read
+        xs = [float(s["centre_mm"][0]) for s in placed]
+        ys = [float(s["centre_mm"][1]) for s in placed]
+        cx, cy = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2
+        half = max(max(xs) - min(xs), max(ys) - min(ys)) / 2 + 35.0
+        ax.set_xlim(cx - half, cx + half)
+        ax.set_ylim(cy + half, cy - half)  # y down, as the image is shown
+    title = f"axial z = {z_mm:.0f} mm: sphere names at the fitted centres"
+    if withheld:
+        ax.set_title(f"WITHHELD: {withheld}\n{title}", fontsize=8, color=WITHHELD_COLOUR)
+    else:
+        ax.set_title(title, fontsize=8)
+    ax.set_xlabel("x (mm)", fontsize=7)
+    ax.set_ylabel("y (mm)", fontsize=7)
+    ax.tick_params(labelsize=6)
 
 
 def deviations_by_rule_bars(ax, groups: Sequence[Mapping]) -> None:

@@ -1,32 +1,49 @@
-"""Prefect tasks for phantom scans: thin wrappers over accreditation.evaluate and the register."""
+"""Prefect tasks for phantom scans: thin wrappers over accreditation.evaluate and the register.
+
+A received phantom series lives in its spool folder with its ``fill.yaml``; a physicist may put a
+``centres.yaml`` (sphere centres by hand) beside it when a verdict was withheld. Each NEMA IEC
+analysis leaves its sphere-assignment figure there too, ``sphere-assignment-result<N>.png``.
+"""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 from pathlib import Path
 
 import yaml
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from sqlmodel import select
 
-from accreditation.evaluate import evaluate_series_folder, record_evaluation
+from accreditation.evaluate import (CENTRES_FILE, WITHHELD, CentresFileError, PhantomEvaluation,
+                                    evaluate_series_folder, parse_centres, record_evaluation)
 from accreditation.register import expiring_accreditations
 from corelab.db import session_scope
+from corelab.dicomio import DicomVolumeError
 from corelab.ingest import series_dir
-from corelab.models import Scanner, Series
+from corelab.models import PhantomResult, Scanner, Series
 from corelab.settings import load_settings
-from phantoms.fill import parse_fill_sheet
+from phantoms.analysis import PhantomLocalisationError
+from phantoms.fill import FillSheetError, parse_fill_sheet
+from reports.figures import png_data_uri
 
 
 @task(name="find-phantom-series", task_run_name="find phantom series")
 def find_phantom_series(pending_only: bool = True) -> list[tuple[int, str, str]]:
-    """Received phantom series: ``(series id, series UID, scanner code)``."""
+    """Received phantom series: ``(series id, series UID, scanner code)``.
+
+    ``pending_only``: those not analysed yet, those that failed (e.g. no fill sheet), and those
+    whose newest result is withheld (waiting for centres by hand).
+    """
     with session_scope(load_settings()) as session:
         scanners = {s.id: s.code for s in session.exec(select(Scanner))}
         rows = session.exec(select(Series).where(Series.kind == "phantom", Series.state == "complete")).all()
+        newest = {}
+        for r in session.exec(select(PhantomResult).order_by(PhantomResult.id)):
+            newest[r.series_id] = r.verdict
         return [(s.id, s.series_uid, scanners.get(s.scanner_id, "unknown scanner")) for s in rows
-                if not pending_only or s.qc_state != "done"]
+                if not pending_only or s.qc_state != "done" or newest.get(s.id) == WITHHELD]
 
 
 def _fill_error(series_uid: str, scanner: str) -> dict:
@@ -37,15 +54,36 @@ def _fill_error(series_uid: str, scanner: str) -> dict:
 
 @task(name="analyze-phantom", task_run_name="analyse phantom of {scanner}",
       cache_policy=INPUTS + TASK_SOURCE, persist_result=True, cache_expiration=dt.timedelta(days=400))
-def analyze_phantom(folder: str, fill_sheet: str, standard: str, input_sha256: str, scanner: str = ""):
+def analyze_phantom(folder: str, fill_sheet: str, standard: str, input_sha256: str, scanner: str = "",
+                    centres: str = "") -> PhantomEvaluation:
     """Analyse one phantom series folder against ``standard``.
 
-    Cached on its inputs: the series checksum (``input_sha256``) and the fill sheet's text are
+    Cached on its inputs: the series checksum (``input_sha256``), the fill sheet's text and the
+    text of the centres file given by hand (``centres``, empty for automatic localisation) are
     among them, so a re-run over unchanged data does not recompute the phantom, and changed
-    images or fill values do.
+    images, fill values or centres do.
     """
     fill = parse_fill_sheet(yaml.safe_load(fill_sheet) or {}, source=f"{folder}/fill.yaml")
-    return evaluate_series_folder(Path(folder), fill, standard=standard)
+    centres_mm = parse_centres(centres, source=f"{folder}/{CENTRES_FILE}") if centres.strip() else None
+    return evaluate_series_folder(Path(folder), fill, standard=standard, centres_mm=centres_mm)
+
+
+def save_sphere_figure(evaluation: PhantomEvaluation, path: Path) -> Path | None:
+    """Draw the sphere-assignment figure of a NEMA IEC evaluation as a PNG at ``path``.
+
+    None when the evaluation has no sphere plane (a cylinder). An existing file is kept: the
+    name carries the result id, and a stored result does not change.
+    """
+    from reports.accreditation import sphere_assignment_figure
+
+    plane = (evaluation.evidence or {}).get("sphere_plane")
+    if plane is None:
+        return None
+    if not path.is_file():
+        fig = sphere_assignment_figure(evaluation.metrics, (evaluation.checks or {}).get("checks") or [], plane,
+                                       withheld=evaluation.withheld["reason"] if evaluation.withheld else None)
+        path.write_bytes(base64.b64decode(png_data_uri(fig).split(",", 1)[1]))
+    return path
 
 
 @task(name="accredit-phantom", task_run_name="phantom of {scanner} ({series_uid})", retries=1,
@@ -62,15 +100,34 @@ def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str,
         with session_scope(settings) as session:
             session.get(Series, series_id).qc_state = "failed"
         return _fill_error(series_uid, scanner)
-    evaluation = analyze_phantom(str(folder), fill_path.read_text(), standard, checksum, scanner)
+    centres_path = folder / CENTRES_FILE
+    centres = centres_path.read_text() if centres_path.is_file() else ""
+    try:
+        evaluation = analyze_phantom(str(folder), fill_path.read_text(), standard, checksum, scanner, centres)
+    except (CentresFileError, FillSheetError, DicomVolumeError, PhantomLocalisationError) as exc:
+        # input a person must fix: said in the artifact, the other phantoms of the run go on
+        with session_scope(settings) as session:
+            session.get(Series, series_id).qc_state = "failed"
+        fix = (f"correct {centres_path}" if isinstance(exc, CentresFileError) else
+               f"correct {fill_path}" if isinstance(exc, FillSheetError) else
+               f"give the sphere centres by hand in {centres_path}" if isinstance(exc, PhantomLocalisationError)
+               else "ask the site to send the series again")
+        return {"series_uid": series_uid, "scanner": scanner, "verdict": "error",
+                "error": f"{exc}; {fix} and run accredit-scanners again"}
     with session_scope(settings) as session:
         series = session.get(Series, series_id)
         result, acc = record_evaluation(session, series, evaluation, scope=scope)
-        return {"series_uid": series_uid, "scanner_id": series.scanner_id, "scanner": scanner,
-                "kind": evaluation.kind, "verdict": evaluation.verdict, "phantom_result_id": result.id,
-                "accreditation": acc.status if acc else None,
-                "valid_until": acc.valid_until.isoformat() if acc and acc.valid_until else None,
-                "metrics": evaluation.metrics, "checks": evaluation.checks}
+        result_id, scanner_id = result.id, series.scanner_id
+        accreditation = acc.status if acc else None
+        valid_until = acc.valid_until.isoformat() if acc and acc.valid_until else None
+    figure = save_sphere_figure(evaluation, folder / f"sphere-assignment-result{result_id}.png")
+    if evaluation.verdict == WITHHELD:
+        get_run_logger().warning("phantom of %s (%s): %s", scanner, series_uid, evaluation.message)
+    return {"series_uid": series_uid, "scanner_id": scanner_id, "scanner": scanner,
+            "kind": evaluation.kind, "verdict": evaluation.verdict, "phantom_result_id": result_id,
+            "accreditation": accreditation, "valid_until": valid_until,
+            "metrics": evaluation.metrics, "checks": evaluation.checks, "withheld": evaluation.withheld,
+            "message": evaluation.message, "figure": str(figure) if figure else None}
 
 
 @task(name="coming-expiries", task_run_name="accreditations expiring within {within_days} days")

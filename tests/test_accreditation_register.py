@@ -102,6 +102,42 @@ def test_scanner_change_suspends_until_new_passing_phantoms(settings, scanner):
         assert "scanner.requalification" in actions and "scanner.requalified" in actions
 
 
+def _accreditation(settings, scanner_id):
+    with session_scope(settings) as session:
+        acc = update_accreditation(session, scanner_id, standard="EARL1", scope="TRIAL-1", today=TODAY)
+        updates = len(session.exec(select(AuditEvent).where(AuditEvent.action == "accreditation.update")).all())
+        return acc.status, acc.valid_from, acc.valid_until, list(acc.evidence), updates
+
+
+def test_a_withheld_result_grants_fails_suspends_and_expires_nothing(settings, scanner):
+    # alone, with a passing cylinder: the register stays pending
+    cyl = _result(settings, scanner, "uniform_cylinder", "pass", dt.date(2031, 5, 1))
+    _result(settings, scanner, "nema_iec", "withheld", dt.date(2031, 5, 2))
+    assert _accreditation(settings, scanner)[:4] == ("pending", None, None, [cyl])
+    # accredited: a newer withheld NEMA IEC result changes nothing (no update event either)
+    nema = _result(settings, scanner, "nema_iec", "pass", dt.date(2031, 4, 20))
+    before = _accreditation(settings, scanner)
+    assert before[:4] == ("accredited", dt.date(2031, 5, 1), dt.date(2031, 8, 1), [nema, cyl])
+    _result(settings, scanner, "nema_iec", "withheld", dt.date(2031, 5, 25))
+    _result(settings, scanner, "uniform_cylinder", "withheld", dt.date(2031, 5, 25))
+    assert _accreditation(settings, scanner) == before
+    # failed stays failed: a withheld result does not clear a fail
+    failed = _result(settings, scanner, "nema_iec", "fail", dt.date(2031, 5, 26))
+    _result(settings, scanner, "nema_iec", "withheld", dt.date(2031, 5, 27))
+    assert _accreditation(settings, scanner)[:4] == ("failed", None, None, [failed, cyl])
+    # after a scanner change, withheld results do not requalify it
+    _result(settings, scanner, "nema_iec", "pass", dt.date(2031, 5, 28))
+    with session_scope(settings) as session:
+        require_requalification(session, scanner, "software VG80 -> VG90", actor="test")
+    _result(settings, scanner, "nema_iec", "withheld", dt.date(2031, 5, 29))
+    _result(settings, scanner, "uniform_cylinder", "pass", dt.date(2031, 5, 29))
+    assert _accreditation(settings, scanner)[0] == "suspended"
+    with session_scope(settings) as session:
+        assert session.get(Scanner, scanner).requalification_reason == "software VG80 -> VG90"
+        history = scanner_record(session, "S01-1", today=TODAY)["phantom_results"]
+    assert [h["verdict"] for h in history].count("withheld") == 5  # kept in the history
+
+
 def test_reason_set_at_first_sight_counts_phantoms_from_then(settings, scanner):
     # ingest sets the reason when it meets a new serial number (no audit event of ours)
     with session_scope(settings) as session:

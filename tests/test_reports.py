@@ -124,9 +124,11 @@ def test_accreditation_report_shows_the_results(lab, tmp_path):
                     assert f"{s[metric]:.3f}" in text, (code, s["diameter_mm"], metric)
         margins = [c for c in nema["checks"]["checks"] if c["verified"]]
         assert all(f"{c['margin']:+.3f}" in html for c in margins)
-        assert html.count('src="data:image/png;base64,') == 4  # recovery, profile, two image panels
-        assert _pdf_images(pdf) >= 4
-        for name in ("recovery", "profile", "nema_planes", "cylinder_planes"):
+        # recovery, sphere assignment, profile, two image panels
+        assert html.count('src="data:image/png;base64,') == 5
+        assert _pdf_images(pdf) >= 5
+        assert "Sphere assignment" in html and "Sphere assignment" in pdf_text
+        for name in ("recovery", "sphere_assignment", "profile", "nema_planes", "cylinder_planes"):
             assert (Path(out["html"]).with_suffix("").parent / f"{code}_EARL1-v1-figures" / f"{name}.png").is_file()
         assert _pages_not_blank(pdf, tmp_path) >= 2
         saved = json.loads(Path(out["json"]).read_text())
