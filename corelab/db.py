@@ -50,11 +50,14 @@ def make_engine(database_url: str) -> Engine:
 
 def get_engine(settings: Settings | None = None) -> Engine:
     """The process-wide engine for the settings' database (one per URL)."""
+    from corelab import audit
+
     settings = settings or load_settings()
     with _lock:
         engine = _engines.get(settings.database_url)
         if engine is None:
             engine = _engines[settings.database_url] = make_engine(settings.database_url)
+    audit.bind_anchor(engine, settings.data_dir)  # the audit chain's head is kept in the data dir too
     return engine
 
 

@@ -14,6 +14,7 @@ so nothing identifying can reach the store, a log, an artifact or a report.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass, fields
@@ -77,8 +78,22 @@ VENDOR_SUV_PRIVATE: dict[str, tuple[int, str]] = {
 # Temporal Information" options exist so that these survive de-identification.
 PET_SAFE: tuple[str, ...] = ("PatientWeight", "PatientSex", "injection_to_acquisition")
 PET_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.130")
-# Phantom scans carry no patient, so their name/ID is a phantom label instead of a pseudonym.
-PHANTOM_ID = re.compile(r"(?i)^(phantom|nema|iec|cyl|qc)")
+# Phantom scans carry no patient, so their name/ID is a phantom label instead of a pseudonym. The
+# label is a word: "CYL-A01" and "QC2024" are phantoms, a patient called "Cylinda" is not.
+PHANTOM_ID = re.compile(r"(?i)^(phantom|nema|iec|cyl(?:inder)?|qc)(?![a-z])")
+# What corelab stores or shows from an object's header (store rows, header table, reports). Each
+# is checked for a person name (PN shape) and for the patient's own name and ID.
+SHOWN_TEXT: tuple[str, ...] = (
+    "StudyDescription", "SeriesDescription", "ProtocolName", "ClinicalTrialTimePointID",
+    "ClinicalTrialSubjectID", "ClinicalTrialProtocolID", "Modality", "Manufacturer", "ManufacturerModelName",
+    "DeviceSerialNumber", "SoftwareVersions", "ReconstructionMethod", "ConvolutionKernel", "Units",
+    "DecayCorrection", "BodyPartExamined",
+)
+# Where the patient's own name and ID can be read from (their parts must not reappear above).
+IDENTITY_SOURCES: tuple[str, ...] = ("PatientName", "PatientID", "OtherPatientNames", "OtherPatientIDs",
+                                     "PatientBirthName", "PatientMotherBirthName", "ResponsiblePerson")
+_PN_SHAPE = re.compile(r"[^\W\d_]{2,}\^[^\W\d_]{2,}")  # "Surname^Given": a value copied from a PN element
+_SPLIT = re.compile(r"[\^=\s,;/\\]+")
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,9 @@ class DeidPolicy:
         reports them as deviations); ``"quarantine"``: such a PET object is quarantined.
     require_identity_removed : bool
         PatientIdentityRemoved must be YES and DeidentificationMethod (or its code sequence) set.
+    visit_labels : tuple of str
+        The imaging manual's visit list: ClinicalTrialTimePointID must be one of them (or empty).
+        Empty tuple: the label is checked only for a person name and the patient's name and ID.
     """
 
     pseudonym_pattern: str = ""
@@ -112,6 +130,7 @@ class DeidPolicy:
     clean_descriptors: bool = True
     pet_safe: str = "flag"
     require_identity_removed: bool = True
+    visit_labels: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict | None, *, pseudonym_pattern: str = "") -> DeidPolicy:
@@ -121,8 +140,9 @@ class DeidPolicy:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"de-identification policy has unknown keys {unknown}; known: {sorted(known)}")
-        if "keep_private" in data:
-            data["keep_private"] = tuple(data["keep_private"])
+        for key in ("keep_private", "visit_labels"):
+            if key in data:
+                data[key] = tuple(str(v) for v in data[key])
         data.setdefault("pseudonym_pattern", pseudonym_pattern)
         policy = cls(**data)
         if policy.private_tags not in ("vendor_suv", "remove_all", "keep_all"):
@@ -175,6 +195,61 @@ def _present(ds: Dataset, keyword: str) -> bool:
 def is_phantom(ds: Dataset) -> bool:
     return bool(PHANTOM_ID.match(str(ds.get("PatientID", "")))) or bool(
         PHANTOM_ID.match(str(ds.get("PatientName", ""))))
+
+
+def _values(ds: Dataset, keyword: str) -> list[str]:
+    value = ds.get(keyword)
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    return [re.sub(r"[\x00-\x1f\x7f]", "", str(v)).strip() for v in items if str(v).strip()]
+
+
+def _identity_tokens(ds: Dataset, pattern: re.Pattern | None) -> set[str]:
+    """Parts of the patient's name and IDs (3+ characters with a letter, else 5+) that are not a trial
+    pseudonym or a phantom label."""
+    tokens: set[str] = set()
+    for keyword in IDENTITY_SOURCES:
+        for value in _values(ds, keyword):
+            if pattern is not None and pattern.fullmatch(value):
+                continue
+            tokens.update(t.lower() for t in _SPLIT.split(value) if not PHANTOM_ID.match(t) and (
+                len(t) >= 5 or (len(t) >= 3 and any(c.isalpha() for c in t))))  # "001" is in version strings
+    return tokens
+
+
+def shown_text_failures(ds: Dataset, policy: DeidPolicy, *, phantom: bool = False) -> list[DeidFailure]:
+    """What corelab would store or show: trial IDs against the trial's rules, free text against names.
+
+    ClinicalTrialSubjectID must match the pseudonym pattern; ClinicalTrialTimePointID must be one
+    of the manual's visit labels; every :data:`SHOWN_TEXT` value must not look like a person name
+    (``Surname^Given``) nor contain a part of the patient's name or ID. Never returns a value.
+    """
+    pattern = re.compile(policy.pseudonym_pattern) if policy.pseudonym_pattern else None
+    failures: list[DeidFailure] = []
+    subject = " ".join(_values(ds, "ClinicalTrialSubjectID"))
+    if subject and pattern is not None and not phantom and not pattern.fullmatch(subject):
+        failures.append(DeidFailure("ClinicalTrialSubjectID", _tag("ClinicalTrialSubjectID"),
+                                    "is not a trial pseudonym (does not match the trial's pattern)"))
+    visit = " ".join(_values(ds, "ClinicalTrialTimePointID"))
+    if visit and policy.visit_labels and not phantom and visit not in policy.visit_labels:
+        failures.append(DeidFailure("ClinicalTrialTimePointID", _tag("ClinicalTrialTimePointID"),
+                                    "is not one of the imaging manual's visit labels "
+                                    f"({', '.join(policy.visit_labels)})"))
+    tokens = _identity_tokens(ds, pattern)
+    for keyword in SHOWN_TEXT:
+        joined = "\\".join(_values(ds, keyword))
+        if not joined:
+            continue
+        if _PN_SHAPE.search(joined):
+            why = "holds a person name (Surname^Given); clean the descriptors"
+        elif keyword != "ClinicalTrialSubjectID" and any(
+                re.search(rf"(?<![0-9a-z]){re.escape(t)}(?![0-9a-z])", joined.lower()) for t in tokens):
+            why = "contains the patient's name or ID; clean the descriptors"
+        else:
+            continue
+        failures.append(DeidFailure(keyword, _tag(keyword), why))
+    return failures
 
 
 @functools.lru_cache(maxsize=16)
@@ -314,10 +389,11 @@ def check_deidentified(ds: Dataset, *, pseudonym_pattern: str = "",
                 failures.append(DeidFailure(keyword, _tag(keyword),
                                             "is not a trial pseudonym (does not match the trial's pattern)"))
     failures += _private_failures(ds, policy)
+    failures += shown_text_failures(ds, dataclasses.replace(policy, pseudonym_pattern=pattern_text), phantom=phantom)
     if policy.pet_safe == "quarantine" and not phantom:
         failures += pet_safe_failures(ds)
     return failures
 
 
 __all__ = ["ANNEX_E", "DeidFailure", "DeidPolicy", "PET_SAFE", "VENDOR_SUV_PRIVATE", "check_deidentified",
-           "is_phantom", "pet_safe_failures"]
+           "is_phantom", "pet_safe_failures", "shown_text_failures", "SHOWN_TEXT"]

@@ -922,3 +922,56 @@ def _slice_spacing_and_gaps(
                 f"spacing is {spacing:.3f} mm, so the slices are not on one regular grid")
         missing.extend(float(positions[i] + k * spacing) for k in range(1, n_steps))
     return spacing, missing
+
+
+def newest_instances(paths: Iterable[Path | str]) -> list[Path]:
+    """The newest version of each instance among ``paths``: one file per SOP Instance UID.
+
+    A site may send a slice again with other bytes (a corrected re-send). The spool keeps every
+    version beside the first: ``<SOP UID>.dcm`` is version 1, ``<SOP UID>.v<N>.dcm`` version N
+    (``corelab.ingest``, numbered in the order received). Every reader of a series (header QC,
+    phantom analysis, the reports' image panels) reads through this function, so all of them see
+    the newest version of every instance and never two slices at one position.
+
+    The instance is identified by the SOPInstanceUID in the file (not by its name), the version
+    by the name. A file without a SOPInstanceUID is its own instance.
+
+    Parameters
+    ----------
+    paths : iterable of path
+        DICOM files of one series, e.g. every ``*.dcm`` of a spool folder.
+
+    Returns
+    -------
+    list of Path
+        The files to read, in the order given.
+
+    Raises
+    ------
+    DicomVolumeError
+        A file whose SOPInstanceUID cannot be read; or two files of one instance with the same
+        version (names without ``.v<N>``, so not from the spool) and different bytes, naming both:
+        which one is meant cannot be known.
+    """
+    chosen: dict[str, tuple[int, Path]] = {}
+    given = [Path(raw) for raw in paths]
+    for path in given:
+        stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+        head, _, tail = stem.rpartition(".v")
+        version = int(tail) if head and tail.isdigit() else 1
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            uid = str(ds.get("SOPInstanceUID", "") or "") or f"file:{path}"
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is named, never skipped silently
+            raise DicomVolumeError(f"{path}: cannot read its SOPInstanceUID ({type(exc).__name__}: {exc})") from None
+        held = chosen.get(uid)
+        if held is None or version > held[0]:
+            chosen[uid] = (version, path)
+        elif version == held[0] and path.read_bytes() != held[1].read_bytes():
+            first, second = sorted((held[1], path))
+            raise DicomVolumeError(
+                f"{second}: same SOPInstanceUID {uid} as {first.name}, other content, and neither name carries a "
+                "version (.v<N>.dcm, as the spool writes re-sent instances); keep the one to read and move the "
+                "other out of the folder")
+    keep = {p for _, p in chosen.values()}
+    return [p for p in given if p in keep]

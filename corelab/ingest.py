@@ -1,53 +1,48 @@
 """Receiving objects into the spool: checksum, dedupe, quarantine, index.
 
 One function, :func:`accept_object`, takes the bytes of one object as a site sent it and either
-stores it durably in the spool (temporary file, fsync, rename, then the index row) or puts it in
-quarantine with a reason that names the file and the fix. The file drop (:func:`ingest_path`)
-and, later, the DICOM receiver both go through it, so they apply the same checks to the same store.
-Nothing is dropped: every object ends up either in the spool or in quarantine.
+stores it durably in the spool (index row, temporary file, fsync, rename, commit) or puts it in
+quarantine with a reason that names the object (its ordinal in the drop and its sha256 prefix:
+never a file name), the rule and the fix. The file drop (:func:`ingest_path`), the inbox and the
+DICOM node all go through it, so they apply the same checks to the same store.
+
+One guard per object: every check (:mod:`corelab.validate`, :mod:`corelab.deid`) runs before
+any row is created, and anything unexpected while reading or checking quarantines the object as
+``unreadable`` naming the step. Only resource failures (a write to the data directory, the
+database) raise, and then the files this transaction wrote are removed again when it rolls back,
+so the spool never holds a file without its row.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
-import zipfile
-from collections.abc import Iterator
+import uuid
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 
-import pydicom
-from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.errors import InvalidDicomError
+from sqlalchemy import event
 from sqlmodel import Session, col, select
 
 from corelab.completeness import assess, slice_position_mm
 from corelab.deid import DeidPolicy, check_deidentified, is_phantom
+from corelab.limits import FILL_SHEET_SUFFIX, Limits, iter_drop
 from corelab.models import (Instance, QuarantineItem, Scanner, Series, Site, Study, Subject, Trial, Visit,
                             utcnow)
 from corelab.register import flag_requalification
 from corelab.settings import Settings
+from corelab.validate import (HELD_PREFIX_BYTES, REQUIRED_UIDS, SOP_CLASSES, ObjectFacts, Rejected, check_deflate,
+                              extract_facts, finite, object_label, parse_object, safe_join, step)
 
-SOP_CLASSES: dict[str, str] = {
-    "1.2.840.10008.5.1.4.1.1.128": "PET Image Storage",
-    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-}
-REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
-FILL_SHEET_SUFFIX = ".fill.yaml"
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_CODE_UNSAFE = re.compile(r"[^A-Z0-9_-]")
+_WRITTEN = "corelab.ingest.written"
+PARTIAL_CODES = ("too_large", "zip_bomb")  # quarantine holds only a prefix of these
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one received object."""
+    """What happened to one received object; ``source`` is its label (ordinal, sha256 prefix)."""
 
     source: str
     status: str  # stored | duplicate | new_version | quarantined
@@ -79,14 +74,6 @@ class IngestSummary:
         }
 
 
-class Rejected(Exception):
-    """An object that must go to quarantine; ``code`` is machine-readable, the message says the fix."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -111,72 +98,32 @@ def durable_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _expected_pixel_bytes(ds) -> int | None:
-    try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8 * frames
-    except (AttributeError, TypeError, ValueError):
-        return None
+# --- files written by a transaction are removed when it does not commit -----------------------------
+
+def _forget_written(session: Session) -> None:
+    session.info[_WRITTEN] = []
 
 
-def _wrong_vr_keywords(ds) -> list[str]:
-    """Standard top-level elements whose explicit VR contradicts the data dictionary (keywords only).
-
-    Reads the raw elements' VRs without decoding their values; implicit-VR objects carry none.
-    """
-    wrong = []
-    for tag in ds.keys():
-        if tag.is_private or tag.group in (0x0002, 0xFFFE):
-            continue
-        vr = getattr(ds.get_item(tag), "VR", None)
-        if vr in (None, "UN"):
-            continue
-        try:
-            allowed = dictionary_VR(tag)
-        except KeyError:
-            continue
-        if vr not in allowed.split(" or "):
-            wrong.append(keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})")
-    return wrong
+def _remove_unless_committed(session: Session, transaction) -> None:
+    if transaction.parent is None:  # the outermost transaction ended: committed ones were forgotten
+        for path in session.info.get(_WRITTEN, []):
+            path.unlink(missing_ok=True)
+        session.info[_WRITTEN] = []
 
 
-def parse_object(data: bytes, source: str):
-    """Parse and validate one object; raise :class:`Rejected` with the reason and the fix."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except InvalidDicomError:
-        raise Rejected("not_dicom", f"{source}: not a DICOM file (no DICM preamble or readable header); "
-                                    "send DICOM Part 10 files only") from None
-    except Exception as exc:  # pydicom raises many types on cut-off data
-        raise Rejected("truncated", f"{source}: the DICOM data ends early or is corrupt ({type(exc).__name__}); "
-                                    "send the file again") from None
-    missing = [kw for kw in REQUIRED_UIDS if not str(ds.get(kw, "")).strip()]
-    if len(missing) == len(REQUIRED_UIDS):  # bytes behind a preamble that decode to no DICOM at all
-        raise Rejected("not_dicom", f"{source}: not a DICOM object (none of {', '.join(REQUIRED_UIDS)} is "
-                                    "readable); send DICOM Part 10 files only")
-    if missing:
-        raise Rejected("missing_uid", f"{source}: missing {', '.join(missing)}; "
-                                      "export the series again from the scanner or PACS")
-    if ds.SOPClassUID not in SOP_CLASSES:
-        raise Rejected("unknown_sop_class", f"{source}: SOP class {ds.SOPClassUID} is not accepted; "
-                                            "send the images as one of: "
-                                            f"{', '.join(sorted(set(SOP_CLASSES.values())))}")
-    wrong = _wrong_vr_keywords(ds)
-    if wrong:
-        raise Rejected("wrong_vr", f"{source}: {', '.join(wrong)} encoded with the wrong value representation; "
-                                   "export the series again from the scanner or PACS")
-    if not any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise Rejected("truncated", f"{source}: no pixel data (the file ends before the image); send it again")
-    if "PixelData" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
-        expected = _expected_pixel_bytes(ds)
-        if expected is not None and len(ds.PixelData) < expected:
-            raise Rejected("truncated", f"{source}: pixel data has {len(ds.PixelData)} of {expected} bytes; "
-                                        "the file was cut off in transfer, send it again")
-    return ds
+def _write_tracked(session: Session, path: Path, data: bytes) -> None:
+    """Durable write whose file is deleted again if the session's transaction rolls back."""
+    if _WRITTEN not in session.info:
+        session.info[_WRITTEN] = []
+        event.listen(session, "after_commit", _forget_written)
+        event.listen(session, "after_transaction_end", _remove_unless_committed)
+    durable_write(path, data)
+    session.info[_WRITTEN].append(path)
 
 
-def _trial_for(session: Session, ds) -> Trial | None:
-    protocol = str(ds.get("ClinicalTrialProtocolID", "")).strip()
+# --- looking up and creating rows (only for objects that passed every check) ---------------------------
+
+def _trial_for(session: Session, protocol: str) -> Trial | None:
     if protocol:
         trial = session.exec(select(Trial).where(Trial.code == protocol)).first()
         if trial:
@@ -185,9 +132,8 @@ def _trial_for(session: Session, ds) -> Trial | None:
     return trials[0] if len(trials) == 1 else None
 
 
-def _scanner_for(session: Session, site: Site, ds) -> Scanner | None:
-    key = (str(ds.get("Manufacturer", "")).strip(), str(ds.get("ManufacturerModelName", "")).strip(),
-           str(ds.get("DeviceSerialNumber", "")).strip())
+def _scanner_for(session: Session, site: Site, facts: ObjectFacts) -> Scanner | None:
+    key = (facts.manufacturer, facts.model, facts.serial_number)
     if not all(key):
         return None
     scanner = session.exec(select(Scanner).where(Scanner.manufacturer == key[0], Scanner.model == key[1],
@@ -197,9 +143,12 @@ def _scanner_for(session: Session, site: Site, ds) -> Scanner | None:
         # same make and model under a new serial at this site is a replaced or repaired scanner.
         sibling = session.exec(select(Scanner).where(Scanner.site_id == site.id, Scanner.manufacturer == key[0],
                                                      Scanner.model == key[1])).first()
-        scanner = Scanner(site_id=site.id, code=f"{site.code}-{_SAFE.sub('_', key[2])}", manufacturer=key[0],
-                          model=key[1], serial_number=key[2],
-                          software_versions=str(ds.get("SoftwareVersions", "")))
+        # A code as the register would accept one (A-Z, 0-9, '_', '-'; at most 32): it names paths.
+        code = f"{site.code}-{_CODE_UNSAFE.sub('_', key[2].upper())}"[:32]
+        if session.exec(select(Scanner.id).where(Scanner.code == code)).first() is not None:
+            code = f"{code[:23]}-{sha256_bytes(key[2].encode())[:8].upper()}"  # two serials, one cleaned code
+        scanner = Scanner(site_id=site.id, code=code, manufacturer=key[0], model=key[1], serial_number=key[2],
+                          software_versions=facts.software_versions)
         session.add(scanner)
         session.flush()
         if sibling is not None:
@@ -210,135 +159,193 @@ def _scanner_for(session: Session, site: Site, ds) -> Scanner | None:
     return scanner
 
 
-def _dicom_date(value) -> date | None:
-    text = str(value or "").strip()
-    if len(text) != 8 or not text.isdigit():
-        return None
-    return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-
-
-def _series_for(session: Session, ds, site: Site, trial: Trial | None) -> Series:
-    series = session.exec(select(Series).where(Series.series_uid == ds.SeriesInstanceUID)).first()
-    if series is not None:
-        return series
-    study = session.exec(select(Study).where(Study.study_uid == ds.StudyInstanceUID)).first()
-    phantom = is_phantom(ds)
-    if study is None:
-        visit_id = None
-        if trial is not None and not phantom:
-            visit_id = _visit_for(session, trial, site, ds).id
-        study = Study(study_uid=ds.StudyInstanceUID, site_id=site.id, visit_id=visit_id,
-                      study_date=_dicom_date(ds.get("StudyDate")),
-                      description=str(ds.get("StudyDescription", "")))
-        session.add(study)
-        session.flush()
-    scanner = _scanner_for(session, site, ds)
-    series = Series(series_uid=ds.SeriesInstanceUID, study_id=study.id, site_id=site.id,
-                    scanner_id=scanner.id if scanner else None, modality=str(ds.get("Modality", "")),
-                    kind="phantom" if phantom else ("trial" if trial else "unknown"),
-                    description=str(ds.get("SeriesDescription", "")))
-    session.add(series)
-    session.flush()
-    return series
-
-
-def _visit_for(session: Session, trial: Trial, site: Site, ds) -> Visit:
-    pseudonym = str(ds.get("ClinicalTrialSubjectID", "") or ds.get("PatientID", "")).strip()
-    subject = session.exec(select(Subject).where(Subject.trial_id == trial.id, Subject.pseudonym == pseudonym)).first()
+def _visit_for(session: Session, trial: Trial, site: Site, facts: ObjectFacts) -> Visit:
+    subject = session.exec(select(Subject).where(Subject.trial_id == trial.id,
+                                                 Subject.pseudonym == facts.subject)).first()
     if subject is None:
-        subject = Subject(trial_id=trial.id, site_id=site.id, pseudonym=pseudonym)
+        subject = Subject(trial_id=trial.id, site_id=site.id, pseudonym=facts.subject)
         session.add(subject)
         session.flush()
-    label = str(ds.get("ClinicalTrialTimePointID", "")).strip() or "unspecified"
-    visit = session.exec(select(Visit).where(Visit.subject_id == subject.id, Visit.label == label)).first()
+    visit = session.exec(select(Visit).where(Visit.subject_id == subject.id, Visit.label == facts.visit_label)).first()
     if visit is None:
-        visit = Visit(subject_id=subject.id, label=label)
+        visit = Visit(subject_id=subject.id, label=facts.visit_label)
         session.add(visit)
         session.flush()
     return visit
 
 
-def _quarantine(session: Session, settings: Settings, data: bytes, *, source: str, site: Site | None,
-                code: str, reason: str, series: Series | None = None) -> Outcome:
-    digest = sha256_bytes(data)
+def _check_owner(session: Session, facts: ObjectFacts, site: Site, label: str) -> None:
+    """The study and series UIDs must not already belong to another site or (series) another study."""
+    study = session.exec(select(Study).where(Study.study_uid == facts.study_uid)).first()
+    series = session.exec(select(Series).where(Series.series_uid == facts.series_uid)).first()
+    other_study = series is not None and (study is None or series.study_id != study.id)
+    if (study is not None and study.site_id not in (None, site.id)) or \
+            (series is not None and series.site_id not in (None, site.id)) or other_study:
+        raise Rejected("uid_conflict", f"{label}: its StudyInstanceUID or SeriesInstanceUID already belongs to "
+                                       "another site's or another study's series; send it with the UIDs the "
+                                       "scanner assigned, or ask the core lab to check the series")
+
+
+def _series_for(session: Session, facts: ObjectFacts, site: Site, trial: Trial | None, phantom: bool) -> Series:
+    series = session.exec(select(Series).where(Series.series_uid == facts.series_uid)).first()
     if series is not None:
-        series.state = "quarantined"
-    held = session.exec(select(QuarantineItem).where(QuarantineItem.sha256 == digest,
-                                                     col(QuarantineItem.released_at).is_(None))).first()
-    if held is not None:  # the same bytes are already held: sending them again changes nothing
-        return Outcome(source, "quarantined", held.series_uid, held.reason_code, held.reason)
-    rel = Path("quarantine") / utcnow().strftime("%Y-%m-%d") / f"{digest[:16]}-{_SAFE.sub('_', Path(source).name)}"
-    durable_write(settings.data_dir / rel, data)
-    session.add(QuarantineItem(site_id=site.id if site else None, source_name=Path(source).name, path=str(rel),
-                               series_uid=series.series_uid if series else None, sha256=digest,
-                               reason_code=code, reason=reason))
-    return Outcome(source, "quarantined", series.series_uid if series else None, code, reason)
-
-
-def accept_object(session: Session, settings: Settings, data: bytes, *, source: str, site: Site | None,
-                  fill_sheet: bytes | None = None, keep_rejected: bool = True) -> Outcome:
-    """Store one received object, or quarantine it with its reason; never raise for bad input.
-
-    ``keep_rejected=False`` (a release from quarantine) reports a rejection without writing the
-    object to quarantine a second time.
-    """
-    def quarantine(session, settings, data, **kwargs) -> Outcome:
-        if keep_rejected:
-            return _quarantine(session, settings, data, **kwargs)
-        series = kwargs.get("series")
-        return Outcome(kwargs["source"], "quarantined", series.series_uid if series else None,
-                       kwargs["code"], kwargs["reason"])
-
-    if site is None:
-        return quarantine(session, settings, data, source=source, site=None, code="unknown_site",
-                          reason=f"{source}: sent by a site that is not registered; register it with "
-                                 "`corelab site add SITE --ae-title AET`, then release the file")
-    try:
-        ds = parse_object(data, source)
-    except Rejected as rej:
-        return quarantine(session, settings, data, source=source, site=site, code=rej.code, reason=str(rej))
-    trial = _trial_for(session, ds)
-    series = _series_for(session, ds, site, trial)
-    series.last_received_at = utcnow()  # stability clock of the receiver, quarantined objects included
-    failures = check_deidentified(ds, policy=DeidPolicy.from_dict(trial.deid_policy if trial else None,
-                                                                  pseudonym_pattern=trial.pseudonym_pattern if trial else ""))
-    if failures:
-        names = "; ".join(str(f) for f in failures)
-        return quarantine(session, settings, data, source=source, site=site, code="deid_failed", series=series,
-                          reason=f"{source}: de-identification check failed: {names}. Re-export the series "
-                                 "through the trial's de-identification profile and send it again")
-    digest = sha256_bytes(data)
-    existing = session.exec(select(Instance).where(Instance.sop_instance_uid == ds.SOPInstanceUID)
-                            .order_by(col(Instance.version).desc())).all()
-    if any(inst.sha256 == digest for inst in existing):
-        return Outcome(source, "duplicate", series.series_uid)
-    version = existing[0].version + 1 if existing else 1
-    rel_dir = Path("spool") / _SAFE.sub("_", ds.StudyInstanceUID) / _SAFE.sub("_", ds.SeriesInstanceUID)
-    name = _SAFE.sub("_", ds.SOPInstanceUID) + (f".v{version}" if version > 1 else "") + ".dcm"
-    durable_write(settings.data_dir / rel_dir / name, data)
-    if fill_sheet is not None:
-        series.kind = "phantom"
-        fill_path = settings.data_dir / rel_dir / "fill.yaml"
-        if not fill_path.exists():
-            durable_write(fill_path, fill_sheet)
-    session.add(Instance(series_id=series.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                         version=version, path=str(rel_dir / name), sha256=digest, size_bytes=len(data),
-                         slice_position_mm=slice_position_mm(ds),
-                         needs_review=version > 1))
-    # In SQL, not in Python: concurrent receivers add to the same series without losing counts.
-    series.instance_count = Series.instance_count + 1
-    if series.state == "complete":  # a late instance reopens a completed series
-        series.state = "receiving"
-    for keyword in ("NumberOfSlices", "ImagesInAcquisition"):
-        if ds.get(keyword):
-            series.expected_count = int(ds.get(keyword))
-            break
-    return Outcome(source, "new_version" if version > 1 else "stored", series.series_uid)
+        return series
+    study = session.exec(select(Study).where(Study.study_uid == facts.study_uid)).first()
+    if study is None:
+        visit_id = _visit_for(session, trial, site, facts).id if trial is not None and not phantom else None
+        study = Study(study_uid=facts.study_uid, site_id=site.id, visit_id=visit_id, study_date=facts.study_date,
+                      description=facts.study_description)
+        session.add(study)
+        session.flush()
+    scanner = _scanner_for(session, site, facts)
+    held = session.exec(select(QuarantineItem.id).where(QuarantineItem.series_uid == facts.series_uid,
+                                                        col(QuarantineItem.released_at).is_(None))).first()
+    series = Series(series_uid=facts.series_uid, study_id=study.id, site_id=site.id,
+                    scanner_id=scanner.id if scanner else None, modality=facts.modality,
+                    kind="phantom" if phantom else ("trial" if trial else "unknown"),
+                    description=facts.series_description, state="quarantined" if held else "receiving")
+    session.add(series)
+    session.flush()
+    return series
 
 
 def series_dir(settings: Settings, series: Series, session: Session) -> Path:
     study = session.get(Study, series.study_id)
-    return settings.data_dir / "spool" / _SAFE.sub("_", study.study_uid) / _SAFE.sub("_", series.series_uid)
+    return safe_join(settings.data_dir, "spool", study.study_uid, series.series_uid)
+
+
+# --- quarantine --------------------------------------------------------------------------------------
+
+def _quarantine(session: Session, settings: Settings, data: bytes, rej: Rejected, *, label: str,
+                site: Site | None, series_uid: str | None, keep: bool) -> Outcome:
+    """Hold the object (or the prefix ``rej.held``) with its reason; mark its series if it has one."""
+    series = session.exec(select(Series).where(Series.series_uid == series_uid)).first() if series_uid else None
+    if series is not None:
+        series.state = "quarantined"
+        series.last_received_at = utcnow()  # the receiver's stability clock counts quarantined objects
+    shown_uid = series.series_uid if series is not None else None
+    if not keep:
+        return Outcome(label, "quarantined", shown_uid, rej.code, str(rej))
+    held = data if rej.held is None else rej.held
+    digest = sha256_bytes(held) if held else ""
+    if digest:
+        same = session.exec(select(QuarantineItem).where(QuarantineItem.sha256 == digest,
+                                                         col(QuarantineItem.released_at).is_(None))).first()
+        if same is not None:  # the same bytes are already held: sending them again changes nothing
+            why = same.reason.split(": ", 1)[-1]
+            return Outcome(label, "quarantined", shown_uid, same.reason_code,
+                           f"{label}: already held in quarantine (item {same.id}): {why}")
+    path = None
+    if held:
+        suffix = ".head" if rej.held is not None else ".dcm"
+        path = safe_join(settings.data_dir, "quarantine", utcnow().strftime("%Y-%m-%d"),
+                         f"{digest[:16]}-{uuid.uuid4().hex[:8]}{suffix}")
+    session.add(QuarantineItem(site_id=site.id if site else None, source_name=label,
+                               path=str(path.relative_to(settings.data_dir)) if path else "",
+                               series_uid=series_uid, sha256=digest, reason_code=rej.code, reason=str(rej)))
+    session.flush()
+    if path is not None:
+        _write_tracked(session, path, held)
+    return Outcome(label, "quarantined", shown_uid, rej.code, str(rej))
+
+
+# --- one object --------------------------------------------------------------------------------------
+
+def _checked(session: Session, settings: Settings, data: bytes, label: str, site: Site):
+    """Every check, in order; returns ``(facts, trial, phantom, slice position)`` or raises :class:`Rejected`."""
+    limits = Limits.from_settings(settings)
+    if len(data) > limits.max_object_bytes:
+        raise Rejected("too_large", f"{label}: {len(data)} bytes, over the limit of {limits.max_object_bytes} "
+                                    f"bytes per object (CORELAB_MAX_OBJECT_BYTES); only its first {HELD_PREFIX_BYTES} "
+                                    "bytes are kept. Send one image per object or ask the core lab to raise the "
+                                    "limit", held=data[:HELD_PREFIX_BYTES])
+    check_deflate(data, label, limits.max_inflated_bytes)
+    ds = parse_object(data, label)
+    try:  # from here on the UIDs are valid: a rejection marks the object's series, if it has one
+        return _checked_values(session, ds, label, site)
+    except Rejected as rej:
+        rej.series_uid = str(ds.SeriesInstanceUID)
+        raise
+
+
+def _checked_values(session: Session, ds, label: str, site: Site):
+    facts = extract_facts(ds, label)
+    trial = _trial_for(session, facts.protocol_id)
+    with step("de-identification check", label):
+        phantom = is_phantom(ds)
+        policy = DeidPolicy.from_dict(trial.deid_policy if trial else None,
+                                      pseudonym_pattern=trial.pseudonym_pattern if trial else "")
+        failures = check_deidentified(ds, policy=policy)
+    if failures:
+        names = "; ".join(str(f) for f in failures)
+        raise Rejected("deid_failed", f"{label}: de-identification check failed: {names}. Re-export the series "
+                                      "through the trial's de-identification profile and send it again")
+    with step("slice position", label):
+        position = finite(slice_position_mm(ds))
+    _check_owner(session, facts, site, label)
+    return facts, trial, phantom, position
+
+
+def accept_object(session: Session, settings: Settings, data: bytes, *, site: Site | None,
+                  source: str | None = None, ordinal: int | None = None, fill_sheet: bytes | None = None,
+                  keep_rejected: bool = True) -> Outcome:
+    """Store one received object, or quarantine it with its reason; never raise for bad input.
+
+    Parameters
+    ----------
+    data : bytes
+        The object as received (DICOM Part 10, file meta included).
+    site : Site or None
+        The sending site; None quarantines the object as ``unknown_site``.
+    source : str, optional
+        Ignored (kept for earlier callers): a file name or anything else a sender chose is never
+        stored or shown. The object is named by ``ordinal`` and its sha256 prefix.
+    ordinal : int, optional
+        Its number in the drop or association (1, 2, ...), shown in reasons.
+    keep_rejected : bool
+        False (a release from quarantine) reports a rejection without holding the object again.
+
+    Raises only for resource failures (``OSError`` writing the data directory, SQLAlchemy errors).
+    """
+    label = object_label(ordinal, sha256_bytes(data))
+    try:
+        if site is None:
+            raise Rejected("unknown_site", f"{label}: sent by a site that is not registered; register it with "
+                                           "`corelab site add SITE --ae-title AET`, then release the object")
+        facts, trial, phantom, position = _checked(session, settings, data, label, site)
+    except Rejected as rej:
+        return _quarantine(session, settings, data, rej, label=label, site=site, series_uid=rej.series_uid,
+                           keep=keep_rejected)
+    series = _series_for(session, facts, site, trial, phantom)
+    series.last_received_at = utcnow()  # stability clock of the receiver
+    digest = sha256_bytes(data)
+    existing = session.exec(select(Instance).where(Instance.sop_instance_uid == facts.sop_instance_uid)
+                            .order_by(col(Instance.version).desc())).all()
+    if any(inst.sha256 == digest for inst in existing):
+        return Outcome(label, "duplicate", series.series_uid)
+    version = existing[0].version + 1 if existing else 1
+    name = facts.sop_instance_uid + (f".v{version}" if version > 1 else "") + ".dcm"
+    path = safe_join(series_dir(settings, series, session), name)
+    # The row first: its unique (SOP Instance UID, version) makes a concurrent writer of the same
+    # path wait or fail before either touches the file; the file is written before the commit.
+    session.add(Instance(series_id=series.id, sop_instance_uid=facts.sop_instance_uid,
+                         sop_class_uid=facts.sop_class_uid, version=version,
+                         path=str(path.relative_to(settings.data_dir)), sha256=digest, size_bytes=len(data),
+                         slice_position_mm=position, needs_review=version > 1))
+    session.flush()
+    _write_tracked(session, path, data)
+    if fill_sheet is not None:
+        series.kind = "phantom"
+        fill_path = path.with_name("fill.yaml")
+        if not fill_path.exists():
+            _write_tracked(session, fill_path, fill_sheet)
+    # In SQL, not in Python: concurrent receivers add to the same series without losing counts.
+    series.instance_count = Series.instance_count + 1
+    if series.state == "complete":  # a late instance reopens a completed series
+        series.state = "receiving"
+    if facts.expected_count is not None:
+        series.expected_count = facts.expected_count
+    return Outcome(label, "new_version" if version > 1 else "stored", series.series_uid)
 
 
 def complete_series(session: Session, series: Series) -> None:
@@ -359,42 +366,28 @@ def complete_series(session: Session, series: Series) -> None:
     series.completed_at = utcnow()
 
 
-def iter_drop(path: Path) -> Iterator[tuple[str, bytes, bytes | None]]:
-    """Yield ``(source name, bytes, fill sheet bytes or None)`` for every file below ``path``.
-
-    Zip archives are opened; a fill sheet ``X.fill.yaml`` applies to the objects in folder ``X``
-    beside it (or in the folder that holds it).
-    """
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    fills = {p.with_name(p.name[: -len(FILL_SHEET_SUFFIX)]): p.read_bytes()
-             for p in files if p.name.endswith(FILL_SHEET_SUFFIX)}
-    fills.update({p.parent: p.read_bytes() for p in files if p.name.endswith(FILL_SHEET_SUFFIX)
-                  and p.parent not in fills})
-    for file in files:
-        if file.name.endswith(FILL_SHEET_SUFFIX) or file.name.startswith("."):
-            continue
-        fill = next((fills[d] for d in (file.parent, *file.parents) if d in fills), None)
-        if zipfile.is_zipfile(file):
-            with zipfile.ZipFile(file) as archive:
-                for member in archive.infolist():
-                    if not member.is_dir():
-                        yield f"{file.name}:{member.filename}", archive.read(member), fill
-        else:
-            yield str(file.relative_to(path) if path.is_dir() else file.name), file.read_bytes(), fill
-
-
 def ingest_path(session: Session, settings: Settings, path: Path, *, site_code: str) -> IngestSummary:
-    """Ingest a file, folder or zip dropped by a site; every series touched is completed at once."""
+    """Ingest a file, folder or zip dropped by a site; every series touched is completed at once.
+
+    Each object is stored or quarantined on its own (see :func:`accept_object`); one bad object
+    never stops the rest. Symbolic links are not followed, limits are checked while reading.
+    """
     site = session.exec(select(Site).where(Site.code == site_code)).first()
     summary = IngestSummary()
-    for source, data, fill in iter_drop(path):
-        outcome = accept_object(session, settings, data, source=source, site=site, fill_sheet=fill)
+    for obj in iter_drop(Path(path), Limits.from_settings(settings)):
+        if obj.rejected is not None:
+            outcome = _quarantine(session, settings, b"", obj.rejected, label=obj.label, site=site,
+                                  series_uid=None, keep=True)
+        else:
+            outcome = accept_object(session, settings, obj.data, site=site, ordinal=obj.ordinal,
+                                    fill_sheet=obj.fill)
         summary.outcomes.append(outcome)
         if outcome.series_uid and outcome.series_uid not in summary.series_uids:
             summary.series_uids.append(outcome.series_uid)
     for uid in summary.series_uids:
-        complete_series(session, session.exec(select(Series).where(Series.series_uid == uid)).one())
+        series = session.exec(select(Series).where(Series.series_uid == uid)).first()
+        if series is not None:
+            complete_series(session, series)
     return summary
 
 
@@ -403,14 +396,19 @@ def release_quarantined(session: Session, settings: Settings, item: QuarantineIt
     """Try a quarantined object again, after the physicist fixed the cause (e.g. registered the site).
 
     The object goes through every check again; if it fails again it stays in quarantine with the
-    new reason, and the old item is kept.
+    new reason, and the old item is kept. An item that holds no bytes or only a prefix (a link,
+    an unreadable file, an over-limit object) cannot be released: the site must send it again.
     """
-    data = (settings.data_dir / item.path).read_bytes()
+    if not item.path or item.reason_code in PARTIAL_CODES:
+        return Outcome(item.source_name, "quarantined", item.series_uid, item.reason_code,
+                       f"{item.reason} (quarantine holds {'only a prefix' if item.path else 'no bytes'} of it: "
+                       "it cannot be released, the site must send it again)")
+    data = safe_join(settings.data_dir, *Path(item.path).parts).read_bytes()
     if site_code:
         site = session.exec(select(Site).where(Site.code == site_code)).first()
     else:
         site = session.get(Site, item.site_id) if item.site_id else None
-    outcome = accept_object(session, settings, data, source=item.source_name, site=site, keep_rejected=False)
+    outcome = accept_object(session, settings, data, site=site, keep_rejected=False)
     if outcome.status == "quarantined":
         item.reason_code, item.reason = outcome.reason_code, outcome.reason
     else:
@@ -420,6 +418,6 @@ def release_quarantined(session: Session, settings: Settings, item: QuarantineIt
     return outcome
 
 
-__all__ = ["Outcome", "IngestSummary", "Rejected", "accept_object", "ingest_path", "complete_series",
-           "durable_write", "iter_drop", "parse_object", "release_quarantined", "series_dir",
-           "SOP_CLASSES", "shutil"]
+__all__ = ["FILL_SHEET_SUFFIX", "IngestSummary", "Outcome", "PARTIAL_CODES", "REQUIRED_UIDS", "Rejected",
+           "SOP_CLASSES", "accept_object", "complete_series", "durable_write", "ingest_path", "iter_drop",
+           "parse_object", "release_quarantined", "series_dir", "sha256_bytes"]

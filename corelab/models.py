@@ -164,12 +164,12 @@ class Instance(SQLModel, table=True):
 class QuarantineItem(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     site_id: int | None = Field(default=None, foreign_key="site.id", index=True)
-    source_name: str = Field(description="the name the file arrived under (never a patient value)")
+    source_name: str = Field(description="the object's label: its ordinal in the drop or association and its sha256 prefix, never a file name")
     series_uid: str | None = Field(default=None, index=True, max_length=64,
                                    description="the series it belongs to, when it could be read")
     path: str = Field(description="quarantine path, relative to the data directory")
     sha256: str = Field(max_length=64)
-    reason_code: str = Field(index=True, description="not_dicom | truncated | missing_uid | unknown_sop_class | unknown_site | deid_failed | ...")
+    reason_code: str = Field(index=True, description="not_dicom | truncated | missing_uid | invalid_uid | unreadable | bad_pixel_data | too_large | zip_bomb | symlink | uid_conflict | unknown_sop_class | unknown_site | deid_failed | ...")
     reason: str = Field(sa_column=Column(Text, nullable=False), description="what is wrong and what to do")
     received_at: datetime = Field(default_factory=utcnow)
     released_at: datetime | None = None

@@ -1,4 +1,19 @@
-"""The site and scanner register: who may send, from which AE title, with which scanners."""
+"""The site and scanner register: who may send, from which AE title, with which scanners.
+
+Codes and AE titles are validated here, at registration, because they end up in file paths
+(``outbox/<SITE>/``, ``reports/<kind>/<SITE>_<month>/``) and in the receiver's checks:
+
+- **Site codes, scanner ids and trial codes** (:data:`CODE_PATTERN`): 1-32 characters, upper-case
+  letters ``A-Z``, digits, ``_`` and ``-``, starting with a letter or digit. So ``../../X``,
+  ``a/b``, ``.``, an empty code and a leading ``_`` (reserved: ``outbox/_trial/``) are refused.
+- **AE titles** (:data:`AE_TITLE_PATTERN`): 1-16 characters of the DICOM default character
+  repertoire (ISO 646, ``0x20``-``0x7E``) without backslash or control characters, and neither
+  starting nor ending with a space (PS3.5 calls leading and trailing spaces non-significant; we
+  store the title without them and the receiver refuses a calling AE title sent with leading
+  spaces, see :mod:`corelab.receiver`). Inner spaces are allowed (``SITE A``).
+
+A refused value raises :class:`RegisterError` naming the entry, the rule and the fix.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +29,54 @@ from corelab import audit
 from corelab.deid import DeidPolicy
 from corelab.models import AuditEvent, Scanner, Site, Trial
 
-_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash or control
+CODE_PATTERN = r"^[A-Z0-9][A-Z0-9_-]{0,31}$"
+"""Site codes, scanner ids and trial codes: safe as one path component on every file system."""
+AE_TITLE_PATTERN = r"^[\x21-\x5b\x5d-\x7e](?:[\x20-\x5b\x5d-\x7e]{0,14}[\x21-\x5b\x5d-\x7e])?$"
+"""DICOM AE title: 1-16 characters of the default repertoire, no backslash or control character,
+no leading or trailing space (inner spaces allowed)."""
+_CODE = re.compile(CODE_PATTERN)
+_AE = re.compile(AE_TITLE_PATTERN)
+CODE_RULE = "1-32 characters A-Z, 0-9, '_' or '-', starting with a letter or digit"
+AE_TITLE_RULE = ("1-16 characters of the DICOM default repertoire (printable ASCII) without backslash, "
+                 "not starting or ending with a space")
 
 
 class RegisterError(ValueError):
     """A register entry is invalid; the message names the entry and the fix."""
 
 
+def is_valid_code(code: object) -> bool:
+    """True when ``code`` may be a site code, scanner id or trial code (:data:`CODE_PATTERN`)."""
+    return isinstance(code, str) and _CODE.fullmatch(code) is not None
+
+
+def is_valid_ae_title(value: object) -> bool:
+    """True when ``value`` is an AE title as registered (:data:`AE_TITLE_PATTERN`)."""
+    return isinstance(value, str) and _AE.fullmatch(value) is not None
+
+
+def check_code(code: object, what: str = "site code") -> str:
+    """Return ``code`` when valid, else raise :class:`RegisterError` naming the rule."""
+    if not is_valid_code(code):
+        raise RegisterError(f"{what} {code!r} is refused: a {what} must be {CODE_RULE} "
+                            "(it names folders such as outbox/<SITE>/ and report folders), e.g. A01")
+    return code
+
+
 def add_site(session: Session, *, code: str, ae_title: str, host: str | None = None, name: str = "",
              actor: str = "cli") -> Site:
-    """Register a site (or update its AE title and host)."""
-    if not _AE.match(ae_title) or ae_title.strip() != ae_title:
+    """Register a site (or update its AE title and host).
+
+    Raises
+    ------
+    RegisterError
+        When the code does not match :data:`CODE_PATTERN` or the AE title does not match
+        :data:`AE_TITLE_PATTERN`.
+    """
+    check_code(code, "site code")
+    if not is_valid_ae_title(ae_title):
         raise RegisterError(f"site {code}: AE title {ae_title!r} is not a valid DICOM AE title "
-                            "(1-16 printable characters, no backslash, no leading/trailing spaces)")
+                            f"({AE_TITLE_RULE})")
     site = session.exec(select(Site).where(Site.code == code)).first()
     if site is not None and (site.ae_title, site.host, site.name) == (ae_title, host, name or site.name):
         return site
@@ -43,6 +93,7 @@ def add_site(session: Session, *, code: str, ae_title: str, host: str | None = N
 
 def add_scanner(session: Session, site: Site, *, code: str, manufacturer: str, model: str, serial_number: str,
                 software_versions: str = "") -> Scanner:
+    check_code(code, "scanner id")
     scanner = session.exec(select(Scanner).where(Scanner.code == code)).first()
     if scanner is None:
         scanner = Scanner(site_id=site.id, code=code, manufacturer=manufacturer, model=model,
@@ -57,6 +108,7 @@ def add_scanner(session: Session, site: Site, *, code: str, manufacturer: str, m
 
 def add_trial(session: Session, *, code: str, title: str = "", imaging_manual: str = "", manual_version: str = "",
               standard: str = "EARL1", pseudonym_pattern: str = "", deid_policy: dict | None = None) -> Trial:
+    check_code(code, "trial code")
     trial = session.exec(select(Trial).where(Trial.code == code)).first()
     if trial is None:
         trial = Trial(code=code)
@@ -93,29 +145,33 @@ def load_register(session: Session, path: Path, *,
     doc = yaml.safe_load(Path(path).read_text()) or {}
     out = {"trial": None, "sites": 0, "scanners": 0}
     if doc.get("trial_code"):
-        fields = dict(trial_fields(doc["trial_code"])) if trial_fields else {}
+        # Checked before the manual is looked up by it (a code must never become a path part).
+        trial_code = check_code(str(doc["trial_code"]), "trial code")
+        fields = dict(trial_fields(trial_code)) if trial_fields else {}
         fields["title"] = doc.get("trial_name") or fields.get("title", "")
         if doc.get("deid_policy") is not None:
-            fields["deid_policy"] = doc["deid_policy"]
-        out["trial"] = add_trial(session, code=doc["trial_code"], **fields).code
+            # the register's policy adds to the manual's (its visit list) rather than replacing it
+            fields["deid_policy"] = {**fields.get("deid_policy", {}), **doc["deid_policy"]}
+        out["trial"] = add_trial(session, code=trial_code, **fields).code
     sites = {}
     for i, entry in enumerate(doc.get("sites", [])):
         missing = [k for k in ("code", "ae_title") if not entry.get(k)]
         if missing:
             raise RegisterError(f"{path}: site #{i + 1} lacks {', '.join(missing)}")
-        sites[entry["code"]] = add_site(session, code=entry["code"], ae_title=entry["ae_title"],
-                                        host=entry.get("host"), name=entry.get("name", ""), actor="register")
-        if entry.get("email") and sites[entry["code"]].email != entry["email"]:
-            sites[entry["code"]].email = entry["email"]  # where its reports are e-mailed
+        code = str(entry["code"])  # YAML reads 101 as a number; the code is the text
+        sites[code] = add_site(session, code=code, ae_title=str(entry["ae_title"]),
+                               host=entry.get("host"), name=entry.get("name", ""), actor="register")
+        if entry.get("email") and sites[code].email != entry["email"]:
+            sites[code].email = entry["email"]  # where its reports are e-mailed
         out["sites"] += 1
     for i, entry in enumerate(doc.get("scanners", [])):
         missing = [k for k in ("id", "site", "manufacturer", "model", "serial") if not entry.get(k)]
         if missing:
             raise RegisterError(f"{path}: scanner #{i + 1} lacks {', '.join(missing)}")
-        site = sites.get(entry["site"]) or session.exec(select(Site).where(Site.code == entry["site"])).first()
+        site = sites.get(str(entry["site"])) or session.exec(select(Site).where(Site.code == str(entry["site"]))).first()
         if site is None:
             raise RegisterError(f"{path}: scanner {entry['id']} names site {entry['site']}, which is not registered")
-        add_scanner(session, site, code=entry["id"], manufacturer=entry["manufacturer"], model=entry["model"],
+        add_scanner(session, site, code=str(entry["id"]), manufacturer=entry["manufacturer"], model=entry["model"],
                     serial_number=str(entry["serial"]), software_versions=str(entry.get("software_versions", "")))
         out["scanners"] += 1
     return out

@@ -65,6 +65,14 @@ class Settings:
         ``none``, ``starttls`` or ``ssl``.
     trial_manager_email : str
         Where the trial deviation reports are e-mailed (they never go to a site).
+    max_object_bytes : int
+        Largest object accepted (file drop, inbox, DICOM), in bytes; a larger one is quarantined
+        as ``too_large`` keeping only its first 64 KiB. Default 512 MiB.
+    max_inflated_bytes : int
+        Largest size a zip member or a deflated-transfer-syntax object may inflate to, checked
+        while inflating; beyond it the object is quarantined as ``zip_bomb``. Default 512 MiB.
+    max_zip_members : int
+        Most members one zip archive may hold (``zip_bomb`` beyond). Default 100,000.
     """
 
     data_dir: Path = Path("corelab-data")
@@ -82,6 +90,9 @@ class Settings:
     smtp_password: str = ""
     smtp_security: str = "none"
     trial_manager_email: str = ""
+    max_object_bytes: int = 512 * 2**20
+    max_inflated_bytes: int = 512 * 2**20
+    max_zip_members: int = 100_000
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
     # The data directory's layout: derived, never configured separately, so it cannot drift.
@@ -120,7 +131,10 @@ class Settings:
         return self.data_dir / "prefect"
 
     def site_outbox(self, site_code: str) -> Path:
-        return self.outbox_dir / site_code
+        """``outbox/<site>``; a site code that is not one plain name raises (see ``corelab.validate.safe_join``)."""
+        from corelab.validate import safe_join
+
+        return safe_join(self.outbox_dir, site_code)
 
     def ensure_dirs(self) -> None:
         for path in (self.data_dir, self.spool_dir, self.quarantine_dir, self.reports_dir,
@@ -223,6 +237,10 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             source[key] = "env"
 
     settings = Settings(**values, source=source)
+    for key in ("max_object_bytes", "max_inflated_bytes", "max_zip_members"):
+        if getattr(settings, key) <= 0:
+            raise SettingsError(f"setting {key!r} from {source.get(key, 'defaults')} is {getattr(settings, key)}; "
+                                "it must be a positive number: fix or unset it")
     if not settings.database_url:
         db_path = (settings.data_dir / "corelab.db").absolute()
         settings = dataclasses.replace(settings, database_url=f"sqlite:///{db_path}")

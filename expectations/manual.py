@@ -63,6 +63,7 @@ class Manual:
     path: Path
     baseline_visit: str = "baseline"
     accreditation_date: str = "scan"  # scan | receipt
+    visits: tuple[str, ...] = ()  # every visit label a scan may carry; () = not checked
 
     @property
     def columns(self) -> set[str]:
@@ -104,7 +105,7 @@ def load_manual(path_or_trial: str | Path) -> Manual:
     return Manual(trial=doc["trial"], version=str(doc["version"]), title=doc.get("title", ""),
                   standard=doc.get("standard", "EARL1"), pseudonym_pattern=doc.get("pseudonym_pattern", ""),
                   rules=tuple(rules), path=path, baseline_visit=doc.get("baseline_visit", "baseline"),
-                  accreditation_date=accreditation_date)
+                  accreditation_date=accreditation_date, visits=tuple(str(v) for v in doc.get("visits") or ()))
 
 
 def trial_fields(trial_code: str) -> dict:
@@ -112,8 +113,11 @@ def trial_fields(trial_code: str) -> dict:
     if not (MANUALS_DIR / f"{trial_code}.yaml").is_file():
         return {}
     manual = load_manual(trial_code)
-    return {"title": manual.title, "imaging_manual": manual.path.name, "manual_version": manual.version,
-            "standard": manual.standard, "pseudonym_pattern": manual.pseudonym_pattern}
+    fields = {"title": manual.title, "imaging_manual": manual.path.name, "manual_version": manual.version,
+              "standard": manual.standard, "pseudonym_pattern": manual.pseudonym_pattern}
+    if manual.visits:
+        fields["deid_policy"] = {"visit_labels": list(manual.visits)}
+    return fields
 
 
 def suite_name(manual: Manual) -> str:

@@ -115,6 +115,8 @@ def cmd_site_list(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from corelab.db import session_scope
     from corelab.ingest import ingest_path
 
@@ -123,8 +125,15 @@ def cmd_ingest(args) -> int:
     if not path.exists():
         print(f"corelab ingest: {path} does not exist", file=sys.stderr)
         return 2
-    with session_scope(settings) as session:
-        summary = ingest_path(session, settings, path, site_code=args.site)
+    try:
+        with session_scope(settings) as session:
+            summary = ingest_path(session, settings, path, site_code=args.site)
+    except (OSError, SQLAlchemyError) as exc:
+        # bad objects are quarantined inside ingest_path; what reaches here is the store or the disk
+        print(f"corelab ingest: the store could not take the drop ({type(exc).__name__}: {exc}); nothing "
+              "from it was acknowledged. Fix the data directory or database and run the same command again.",
+              file=sys.stderr)
+        return 3
     data = summary.as_dict()
     if not args.json:
         data = {k: v for k, v in data.items() if k not in ("series", "quarantine")}
@@ -233,13 +242,28 @@ def cmd_accreditation_show(args) -> int:
 
 
 def cmd_audit_verify(args) -> int:
+    """Recompute the chain; compare it with the anchor file and the heads in signature records."""
     from corelab import audit
     from corelab.db import session_scope
 
-    with session_scope(_settings()) as session:
-        problems = audit.verify(session)
-    _print(args, {"intact": not problems, "problems": [p.__dict__ for p in problems]})
-    return 0 if not problems else 1
+    settings = _settings()
+    signed, unreadable = audit.signature_anchors(settings.reports_dir)
+    with session_scope(settings) as session:
+        result = audit.check(session, audit.anchor_path(settings.data_dir), extra_anchors=signed)
+    result.problems[:0] = unreadable
+    data = result.as_dict()
+    data["signature_records"] = len(signed)
+    if getattr(args, "json", False):
+        _print(args, data)
+    else:
+        print(f"intact: {result.intact}")
+        print(f"table: {result.table_count} events, head {result.table_head[:16]}...")
+        print(f"anchor: {result.anchor_file}: " + (f"{result.anchor_count} events, head {result.anchor_head[:16]}... "
+                                                    if result.anchor_count is not None else "no records ")
+              + f"({result.anchors_checked} anchors checked, {len(signed)} of them from signature records)")
+        for p in result.problems:
+            print(f"problem: {'event ' + str(p.event_id) + ': ' if p.event_id is not None else ''}{p.problem}")
+    return 0 if result.intact else 1
 
 
 def cmd_phantom_analyze(args) -> int:
@@ -279,16 +303,28 @@ def cmd_suv(args) -> int:
         return 2
     entries = suv_of_files(files)
     if args.json:
+        # Each entry carries suv_type, normalisation {name, value, unit, sex_used, male_female}
+        # and warnings [{code, message}] (SuvResult.to_dict).
         _print(args, entries)
     else:
+        def normalised(e) -> str:
+            n = e.get("normalisation") or {}
+            if not n:
+                return ""
+            value = "?" if n.get("value") is None else f"{n['value']:.4g} {n['unit']}"
+            return f"{e.get('suv_type')}: {n['name']} {value}" + (f" (sex {n['sex_used']})" if n.get("sex_used") else "")
+
         rows = [{"series_uid": e.get("series_uid", e.get("file")), "units": e.get("units") or "",
                  "factor_g_per_bq": "" if e.get("error") or "unreadable" in e else
                  (f"{e['factor_g_per_bq']:.6g}" if e.get("factor_g_per_bq") else "varies per slice"),
                  "suv_min/mean/max": "" if e.get("error") or "unreadable" in e else
                  f"{e['suv_min']:.2f} / {e['suv_mean']:.2f} / {e['suv_max']:.2f}",
-                 "problem": (e["error"]["message"] if e.get("error") else e.get("unreadable", ""))}
+                 "normalisation": "" if e.get("error") else normalised(e),
+                 "problem": (e["error"]["message"] if e.get("error") else e.get("unreadable", "")
+                             or "; ".join(w["message"] for w in e.get("warnings", [])))}
                 for e in entries]
-        _print(args, rows, rows, ["series_uid", "units", "factor_g_per_bq", "suv_min/mean/max", "problem"])
+        _print(args, rows, rows, ["series_uid", "units", "factor_g_per_bq", "suv_min/mean/max", "normalisation",
+                                  "problem"])
     return 0 if all(not e.get("error") and "unreadable" not in e for e in entries) else 1
 
 
@@ -541,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="the audit log")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = ssub.add_parser("verify", parents=[common], help="recompute the hash chain and report any break")
+    q = ssub.add_parser("verify", parents=[common], help="recompute the hash chain, compare it with its anchor file and "
+                        "the signed reports, and report any break (truncation, rewrite, edit)")
     q.set_defaults(func=cmd_audit_verify)
     from flows.cli_reports import add_commands as add_report_commands
 

@@ -22,7 +22,7 @@ from sqlmodel import Session
 from corelab import audit
 from corelab.models import Report, Site, Trial
 from corelab.settings import Settings
-from reports.render import KINDS, report_files
+from reports.render import KINDS, report_files, safe_report_path
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,17 @@ __all__ = ["deliver_report", "publish", "send_email", "outbox_for", "TRIAL_OUTBO
 
 
 def outbox_for(session: Session, settings: Settings, report: Report) -> tuple[Path, str | None]:
-    """The outbox folder of a report and the e-mail address it goes to (None: no e-mail)."""
+    """The outbox folder of a report and the e-mail address it goes to (None: no e-mail).
+
+    Raises :class:`~reports.render.ReportError` when the site or trial code would make a path
+    outside ``<data dir>/outbox/`` (codes are validated at registration; this guards rows
+    registered before that, or edited in the store).
+    """
     if report.site_id is not None:
         site = session.get(Site, report.site_id)
-        return settings.site_outbox(site.code), site.email or None
+        return safe_report_path(settings.outbox_dir, site.code), site.email or None
     trial = session.get(Trial, report.trial_id) if report.trial_id is not None else None
-    return settings.outbox_dir / TRIAL_OUTBOX / (trial.code if trial else "all"), \
+    return safe_report_path(settings.outbox_dir, TRIAL_OUTBOX, trial.code if trial else "all"), \
         settings.trial_manager_email or None
 
 

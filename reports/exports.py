@@ -19,6 +19,7 @@ from corelab.models import utcnow
 from corelab.queries import deviation_rows
 from expectations.header_table import COLUMNS
 from expectations.qc import trial_pet_series
+from reports.render import safe_report_path
 
 _ARROW = {"string": pa.string(), "float": pa.float64(), "int": pa.int64(), "bool": pa.bool_()}
 
@@ -69,7 +70,7 @@ def export_trial(session: Session, trial_code: str, out_dir: Path, *, fmt: str =
               "deviations": _table(deviations, deviation_schema(), metadata)}
     paths = {}
     for name, table in tables.items():
-        path = out_dir / f"{trial_code}_{name}.{fmt}"
+        path = safe_report_path(out_dir, f"{trial_code}_{name}.{fmt}")  # a trial code is never a path
         if not _same_content(path, table, fmt):  # unchanged data keeps its file (and timestamp)
             if fmt == "parquet":
                 pq.write_table(table, path)

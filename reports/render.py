@@ -20,7 +20,13 @@ A signed version is frozen: :func:`sign_report` checks that its files still matc
 hashes, stores the signer, time and reason, and appends a ``report.sign`` audit event (the
 e-signature; the audit log is hash-chained, ``corelab audit verify``). Signing never changes a
 file; a correction is a new version rendered with ``force=True`` and a reason, which names the
-version it replaces.
+version it replaces. The signature record (``-vN.signature.json``, delivered with the report)
+carries the audit chain's head hash and event count at signing (``audit_head_hash``,
+``audit_count``): a copy of the anchor outside the store, which ``corelab audit verify`` checks.
+
+Every report and outbox path is built with :func:`corelab.validate.safe_join`: a kind, key or
+stored path that is not plain names under the data directory (a site code ``../../X`` registered
+before codes were validated, an edited ``Report.path``) raises :class:`ReportError`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from sqlmodel import Session, col, select
 
 from corelab import __version__, audit
 from corelab.models import Report, Site, Trial, utcnow
+from corelab.validate import UnsafePath, safe_join
 from reports.figures import png_data_uri
 
 log = logging.getLogger(__name__)
@@ -116,9 +123,21 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def safe_report_path(root: Path, *parts: str) -> Path:
+    """``root / parts...`` checked to stay inside ``root`` (:func:`corelab.validate.safe_join`)."""
+    try:
+        return safe_join(root, *parts)
+    except UnsafePath as exc:
+        raise ReportError(f"unsafe report path: {exc}; fix the site, scanner or trial code (see "
+                          "`corelab site list`)") from None
+
+
 def report_files(data_dir: Path, report: Report) -> dict[str, Path]:
     """The files of a report version: html, pdf, json (and signature once signed)."""
-    html = data_dir / report.path
+    rel = Path(report.path)
+    if rel.is_absolute():
+        raise ReportError(f"report {report.id}: stored path {report.path!r} is not relative to the data directory")
+    html = safe_report_path(data_dir, *rel.parts)
     stem = html.with_suffix("")
     return {"html": html, "pdf": stem.with_suffix(".pdf"), "json": stem.with_suffix(".json"),
             "signature": Path(f"{stem}.signature.json")}
@@ -157,7 +176,7 @@ def render_report(session: Session, spec: ReportSpec, *, data_dir: Path, reports
         if files["json"].is_file() and json.loads(files["json"].read_text()).get("content_sha256") == digest:
             return RenderResult("unchanged", latest.id, latest.version, files["html"], files["pdf"], files["json"])
     version = (latest.version + 1) if latest is not None else 1
-    folder = reports_dir / spec.kind / spec.key
+    folder = safe_report_path(reports_dir, spec.kind, spec.key)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{spec.key}-v{version}"
     fig_dir = Path(f"{stem}-figures")
@@ -241,10 +260,14 @@ def sign_report(session: Session, ref: str | int, *, signer: str, reason: str, d
                          detail={"path": report.path, "html_sha256": report.sha256, "pdf_sha256": saved["pdf_sha256"],
                                  "version": report.version, "reason": reason, "meaning": "reviewed and approved"})
     session.flush()
+    # The chain's head and length as of this signature (the sign event is the head): an anchor
+    # outside the store that leaves with the report (`corelab audit verify` checks it).
+    head = audit.position(session, event)
     files["signature"].write_text(json.dumps({
         "report": report.path, "version": report.version, "signed_by": signer, "signed_at": now.isoformat(),
         "reason": reason, "html_sha256": report.sha256, "pdf_sha256": saved["pdf_sha256"],
-        "audit_event_id": event.id, "audit_event_hash": event.hash}, indent=1))
+        "audit_event_id": event.id, "audit_event_hash": event.hash,
+        "audit_head_hash": event.hash, "audit_count": head}, indent=1))
     return report
 
 

@@ -153,7 +153,8 @@ def site_qc_report(session: Session, site_code: str, *, since: dt.date, until: d
                                                            col(QuarantineItem.released_at).is_(None))
                               .order_by(col(QuarantineItem.id))).all()
     quarantine = [q for q in quarantine if start <= _aware(q.received_at) < end]
-    held = Counter((q.reason_code, q.reason) for q in quarantine)
+    # a reason starts with the object's label ("object #3 (sha256 ...): ..."): group by what follows
+    held = Counter((q.reason_code, q.reason.split(": ", 1)[-1]) for q in quarantine)
 
     data = {
         "site": {"code": site.code, "name": site.name},

@@ -7,7 +7,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from corelab.deid import ANNEX_E, DeidPolicy, check_deidentified, pet_safe_failures
+from corelab.deid import ANNEX_E, SHOWN_TEXT, DeidPolicy, check_deidentified, is_phantom, pet_safe_failures
 from tests.receiver_helpers import small_series
 
 SECRET = "Vexholm"
@@ -97,3 +97,43 @@ def test_policy_from_dict_validates():
         DeidPolicy.from_dict({"private": "all"})
     with pytest.raises(ValueError, match="private_tags"):
         DeidPolicy.from_dict({"private_tags": "some"})
+
+
+def test_trial_ids_are_checked_subject_against_the_pattern_visit_against_the_manual(clean):
+    policy = DeidPolicy(pseudonym_pattern=r"BENCH-\d{3}", visit_labels=("baseline", "followup"))
+    clean.ClinicalTrialSubjectID, clean.ClinicalTrialTimePointID = "BENCH-002", "followup"
+    assert check_deidentified(clean, policy=policy) == []
+    clean.ClinicalTrialSubjectID, clean.ClinicalTrialTimePointID = SECRET, f"{SECRET} week 6"
+    failures = check_deidentified(clean, policy=policy)
+    assert _keywords(failures) == {"ClinicalTrialSubjectID", "ClinicalTrialTimePointID"}
+    assert SECRET not in " ".join(map(str, failures)) and "baseline, followup" in str(failures[1])
+    assert DeidPolicy.from_dict({"visit_labels": ["baseline"]}).visit_labels == ("baseline",)
+
+
+@pytest.mark.parametrize("keyword", SHOWN_TEXT)
+def test_a_person_name_in_any_field_corelab_stores_or_shows_fails_by_keyword(clean, keyword):
+    setattr(clean, keyword, f"{SECRET}^Anna")
+    failures = check_deidentified(clean, policy=DeidPolicy(pseudonym_pattern=r"BENCH-\d{3}"))
+    assert keyword in _keywords(failures) and SECRET not in " ".join(map(str, failures))
+
+
+def test_descriptions_must_not_repeat_the_patients_name_or_id(clean):
+    clean.PatientName, clean.PatientID = f"{SECRET}^Anna", "MRN77123"
+    clean.SeriesDescription, clean.StudyDescription = f"WB {SECRET.lower()}", "PET mrn77123"
+    clean.ProtocolName = "Annals protocol"  # "Anna" only as part of a word: not a match
+    assert _keywords(check_deidentified(clean)) == {"SeriesDescription", "StudyDescription"}
+    clean.PatientName = clean.PatientID = "BENCH-001"  # a pseudonym may appear: it identifies nobody
+    clean.SeriesDescription = "BENCH-001 baseline"
+    clean.StudyDescription = "PET"
+    assert check_deidentified(clean, policy=DeidPolicy(pseudonym_pattern=r"BENCH-\d{3}")) == []
+
+
+def test_phantom_labels_are_words_and_their_words_may_appear_in_descriptions(clean):
+    for label in ("PHANTOM^NEMA", "CYL-A01", "CYLINDER", "QC2024", "NEMA_IEC"):
+        clean.PatientName = clean.PatientID = label
+        assert is_phantom(clean), label
+    clean.PatientName, clean.SeriesDescription = "PHANTOM^NEMA", "NEMA IEC body phantom"
+    assert check_deidentified(clean, policy=DeidPolicy(pseudonym_pattern=r"BENCH-\d{3}")) == []
+    for name in ("Cylinda^Smith", "Qcarter^Jo", "Iecha^Li"):
+        clean.PatientName = clean.PatientID = name
+        assert not is_phantom(clean), name

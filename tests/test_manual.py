@@ -112,3 +112,27 @@ def test_missing_slices_from_gaps_and_header_count():
     assert missing_slices(np.delete(positions, 4), expected=10) == 1     # a gap inside
     assert missing_slices(positions[:-1], expected=10) == 1               # the last one, only the count knows
     assert missing_slices(np.delete(positions, [3, 4]), expected=None) == 2
+
+
+def test_the_manuals_visit_list_reaches_the_deidentification_check(tmp_path):
+    """A label in ClinicalTrialTimePointID that is not one of the manual's visits is refused:
+    the manual's list becomes the trial's policy, and a register's own policy adds to it."""
+    from sqlmodel import Session
+
+    from corelab.db import make_engine, migrate
+    from corelab.deid import DeidPolicy
+    from corelab.models import Trial
+    from corelab.register import load_register
+    from expectations.manual import trial_fields
+
+    assert trial_fields("FDG-RESP-01")["deid_policy"] == {"visit_labels": ["baseline", "followup"]}
+    register = tmp_path / "register.yaml"
+    register.write_text("trial_code: FDG-RESP-01\ndeid_policy: {private_tags: remove_all}\nsites: []\n")
+    engine = make_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    migrate(engine)
+    with Session(engine) as session:
+        load_register(session, register, trial_fields=trial_fields)
+        session.commit()
+        trial = session.query(Trial).one()
+        policy = DeidPolicy.from_dict(trial.deid_policy)
+    assert policy.visit_labels == ("baseline", "followup") and trial.deid_policy["private_tags"] == "remove_all"

@@ -318,3 +318,102 @@ def test_concurrent_objects_of_one_new_series_make_one_series_on_both_backends(s
     with session_scope(settings) as session:
         assert [s.instance_count for s in session.exec(select(Series))] == [60]
         assert_store_exact(session, settings.data_dir, _uids(files))
+
+
+def _files_outside(root, data_dir, sources) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and not p.is_relative_to(data_dir) and not p.is_relative_to(sources)}
+
+
+def test_hostile_objects_over_dicom_are_quarantined_and_the_association_goes_on(node, settings, tmp_path, caplog):
+    """UIDs that are paths, too long or multi-valued, an impossible date, pixel data of the wrong
+    length: each answered 0xB007 and held in quarantine, nothing written outside the data
+    directory, never "Out of resources", and the good objects around them stored.
+
+    (Expects ingest to quarantine these itself: ``invalid_uid`` for the UIDs, some reason for the
+    rest; before that lands they were answered 0xA700 or stored.)"""
+    caplog.set_level(logging.WARNING, logger="corelab.receiver")
+    sources = tmp_path / "s"
+    files = small_series(sources, 16)
+
+    def mutate(i: int, change) -> None:
+        ds = pydicom.dcmread(files[i])
+        change(ds)
+        ds.save_as(files[i], enforce_file_format=False)
+
+    def set_uids(**values):
+        def change(ds):
+            for keyword, value in values.items():
+                setattr(ds, keyword, value)
+                if keyword == "SOPInstanceUID":
+                    ds.file_meta.MediaStorageSOPInstanceUID = value
+        return change
+
+    hostile = {  # index -> expected reason code (None: any specific reason)
+        1: ("invalid_uid", set_uids(StudyInstanceUID="..", SeriesInstanceUID="..")),
+        3: ("invalid_uid", set_uids(StudyInstanceUID="1." + "2" * 298)),
+        5: ("invalid_uid", set_uids(SeriesInstanceUID=["1.2.3", "1.2.4"])),   # a backslash in the value
+        7: ("invalid_uid", set_uids(SOPInstanceUID="1.2.5/6")),
+        9: ("invalid_uid", set_uids(SOPInstanceUID="1." + "3" * 298)),
+        11: (None, lambda ds: setattr(ds, "StudyDate", "20241399")),
+        13: (None, lambda ds: setattr(ds, "PixelData", ds.PixelData + b"\0" * 64)),
+        15: (None, lambda ds: setattr(ds, "PixelData", ds.PixelData[:-32])),
+    }
+    for i, (_, change) in hostile.items():
+        mutate(i, change)
+    good = [f for i, f in enumerate(files) if i not in hostile]
+    before = _files_outside(tmp_path, settings.data_dir, sources)
+    proc = storescu(node.port, files, aet="SITE1", extra=("-nh", "-d"))  # one association for all 16
+    statuses = [line.split(":")[2].strip().split()[0].lower() for line in (proc.stdout + proc.stderr).splitlines()
+                if "DIMSE Status" in line]
+    assert statuses == ["0xb007" if i in hostile else "0x0000" for i in range(16)], statuses
+    assert "out of resources" not in caplog.text.lower()
+    assert _files_outside(tmp_path, settings.data_dir, sources) == before  # nothing escaped the data dir
+    with session_scope(settings) as session:
+        assert_store_exact(session, settings.data_dir, _uids(good))
+        for row in session.exec(select(Instance)):
+            assert (settings.data_dir / row.path).resolve().is_relative_to(settings.spool_dir.resolve())
+        items = session.exec(select(QuarantineItem)).all()
+        assert len(items) == len(hostile)
+        codes = sorted(i.reason_code for i in items)
+        assert codes.count("invalid_uid") == 5 and all(codes), codes
+        for item in items:
+            path = (settings.data_dir / item.path).resolve()
+            assert path.is_relative_to(settings.quarantine_dir.resolve()) and path.is_file()
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == item.sha256
+    assert echoscu(node.port, aet="SITE1").returncode == 0  # and the node is still serving
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (OSError(28, "No space left on device"), 0xA700),                       # disk full
+    (OSError(5, "Input/output error"), 0xA700),
+    ("db_down", 0xA700),                                                     # database unreachable
+    (MemoryError(), 0xA700),
+    (ValueError("a property of this object"), 0xC210),                       # not a resource: never A700
+    (OSError(36, "File name too long"), 0xC210),
+    (KeyError("x"), 0xC210),
+])
+def test_out_of_resources_only_for_real_resource_failures(failure, expected, caplog):
+    """0xA700 makes senders retry for ever: only the machine's failures earn it."""
+    from types import SimpleNamespace
+
+    import sqlalchemy.exc
+
+    from corelab.receiver import handle_store
+
+    if failure == "db_down":
+        failure = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    class FailingStore:
+        def accept(self, *args, **kwargs):
+            raise failure
+
+    sites = SimpleNamespace(lookup=lambda ae, address: (1, "S1"))
+    event = SimpleNamespace(
+        request=SimpleNamespace(AffectedSOPInstanceUID="1.2.3"),
+        assoc=SimpleNamespace(requestor=SimpleNamespace(primitive=SimpleNamespace(calling_ae_title="SITE1"),
+                                                         address="127.0.0.1")),
+        encoded_dataset=lambda: b"\0" * 16)
+    caplog.set_level(logging.ERROR, logger="corelab.receiver")
+    assert handle_store(event, FailingStore(), sites) == expected
+    assert ("out of resources" in caplog.text) == (expected == 0xA700)

@@ -3,6 +3,7 @@ identifying value anywhere but the quarantined bytes themselves."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -134,19 +135,23 @@ def test_mutated_input_is_quarantined_with_specific_reasons_and_nothing_identify
     assert [o.reason_code for o in unknown.outcomes] == ["unknown_site"]
 
     with session_scope(settings) as session:
-        items = {i.source_name: i for i in session.exec(select(QuarantineItem))}
-        assert instance_count(session) == 3
+        all_items = session.exec(select(QuarantineItem)).all()
+        items = {i.sha256: i for i in all_items}  # an object is known by its bytes, never by a file name
+        assert len(items) == len(all_items) and instance_count(session) == 3
+    dropped = set()
     for codes, files in mutated.items():
         for f in files:
-            item = items[f.name]
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            item = items[digest]
+            dropped.add(digest)
             assert item.reason_code in codes, (f.name, item.reason_code, item.reason)
-            assert f.name in item.reason and len(item.reason) > len(f.name) + 20
+            assert digest[:12] in item.reason and f.name not in item.reason + item.source_name
+            assert len(item.reason) > 40
     for f in mutated[frozenset({"deid_failed"})]:
-        assert items[f.name].reason_code == "deid_failed"
+        assert items[hashlib.sha256(f.read_bytes()).hexdigest()].reason_code == "deid_failed"
     # Network copies: same bytes as the dropped ones? No: pynetdicom writes its own file meta,
     # so they are held as separate items, each with the de-identification reason.
-    net = [i for name, i in items.items() if name not in {f.name for fs in mutated.values() for f in fs}
-           and i.reason_code != "unknown_site"]
+    net = [i for digest, i in items.items() if digest not in dropped and i.reason_code != "unknown_site"]
     assert len(net) == 40 and {i.reason_code for i in net} == {"deid_failed"}
 
     # Grep everything corelab produced: the store, its WAL, the logs, the CLI's JSON.
