@@ -36,24 +36,26 @@ import numpy as np
 import pymirc.fileio as pmf
 from pynemaiqpet.nema_wb import fit_WB_NEMA_sphere_profiles
 
-folder, true_bq_ml, repeats = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+repeats, jobs = int(sys.argv[1]), sys.argv[2:]
 radii = [18.5, 14.0, 11.0, 8.5, 6.5, 5.0]
 
-def load():
+def load(folder):
     dcm = pmf.DicomVolume(folder + "/*.dcm")
     return dcm.get_data(), dcm.voxsize
 
 def analyse(vol, voxsize):
     return fit_WB_NEMA_sphere_profiles(vol, voxsize, sameSignal=True, Rfix=radii, dfix=1.5)[1]
 
-t_load, t_fit = [], []
-for _ in range(repeats):
-    t0 = time.perf_counter(); vol, voxsize = load(); t1 = time.perf_counter()
-    res = analyse(vol, voxsize); t2 = time.perf_counter()
-    t_load.append(t1 - t0); t_fit.append(t2 - t1)
-rows = [{"diameter_mm": round(2 * float(r)), "rc_mean": float(a) / true_bq_ml, "rc_max": float(m) / true_bq_ml}
-        for r, a, m in zip(res["R"], res["mean_a50"], res["max"])]
-print(json.dumps({"load_s": statistics.median(t_load), "analysis_s": statistics.median(t_fit), "spheres": rows}))
+for folder, true_bq_ml in zip(jobs[::2], map(float, jobs[1::2])):
+    t_load, t_fit = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); vol, voxsize = load(folder); t1 = time.perf_counter()
+        res = analyse(vol, voxsize); t2 = time.perf_counter()
+        t_load.append(t1 - t0); t_fit.append(t2 - t1)
+    rows = [{"diameter_mm": round(2 * float(r)), "rc_mean": float(a) / true_bq_ml, "rc_max": float(m) / true_bq_ml}
+            for r, a, m in zip(res["R"], res["mean_a50"], res["max"])]
+    print(json.dumps({"folder": folder, "load_s": statistics.median(t_load), "analysis_s": statistics.median(t_fit),
+                      "spheres": rows}), flush=True)
 '''
 
 
@@ -75,6 +77,33 @@ def ensure_peer(venv: Path | None = None) -> Path:
     subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS], check=True)
     subprocess.run(probe, check=True)
     return python
+
+
+def run_peer(series: list[tuple[Path, float]], *, repeats: int = 1, python: Path | None = None) -> list[dict]:
+    """Analyse DICOM series folders with pynemaiqpet, in its own environment, in one process.
+
+    Parameters
+    ----------
+    series : list of (folder, true sphere concentration in Bq/mL)
+    repeats : int
+        Analyses per series (the times returned are medians).
+    python : Path, optional
+        The peer's Python (default: :func:`ensure_peer`).
+
+    Returns
+    -------
+    list of dict
+        Per series, in order: ``folder``, ``load_s``, ``analysis_s`` and ``spheres``
+        (``[{"diameter_mm", "rc_mean", "rc_max"}]``, the peer's A50 mean and max over the true
+        concentration, in the peer's own order: the spheres it finds, largest first).
+    """
+    python = python or ensure_peer()
+    args = [str(repeats)] + [v for folder, bq_ml in series for v in (str(folder), repr(float(bq_ml)))]
+    proc = subprocess.run([str(python), "-c", _PEER_SCRIPT, *args], capture_output=True, text=True,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"pynemaiqpet failed:\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def write_series(outdir: Path) -> tuple[Path, Path, dict]:
@@ -123,11 +152,7 @@ def main() -> None:
                                                          background_kbq_ml=background, grid=grid))
     t_ours_e2e, _ = _median_time(lambda: evaluate_series_folder(folder, fill))
 
-    proc = subprocess.run([str(python), "-c", _PEER_SCRIPT, str(folder), str(sphere * 1000.0), str(REPEATS)],
-                          capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"pynemaiqpet failed:\n{proc.stderr[-3000:]}")
-    peer = json.loads(proc.stdout.strip().splitlines()[-1])
+    peer = run_peer([(folder, sphere * 1000.0)], repeats=REPEATS, python=python)[0]
     t_peer, t_peer_e2e = peer["analysis_s"], peer["analysis_s"] + peer["load_s"]
 
     shape = "x".join(str(n) for n in volume.array.shape)

@@ -153,8 +153,9 @@ def bench_pynetdicom_noop(folder: Path) -> float:
     """The library's own ceiling: pynetdicom with a C-STORE handler that only takes the bytes."""
     from pynetdicom import AE, evt
 
+    from corelab.dicom_handlers import handle_open
     from corelab.ingest import SOP_CLASSES
-    from corelab.receiver import TRANSFER_SYNTAXES, handle_open
+    from corelab.receiver_config import TRANSFER_SYNTAXES
 
     ae = AE("NOOP")
     for sop_class in SOP_CLASSES:

@@ -409,7 +409,7 @@ def cmd_watch(args) -> int:
     _log_to_stderr(args.log_level)
     from corelab.db import open_store
     from corelab.inbox import inbox_dir, scan_inbox
-    from corelab.receiver import start_qc
+    from corelab.series_completion import start_qc
 
     engine = open_store(settings)
     on_complete = None

@@ -143,7 +143,8 @@ def build_receiver(settings: Settings, *, qc: str = "flow", watch_inbox: bool = 
     """A :class:`corelab.receiver.Receiver` wired to start QC (``qc``: flow, deployment or queue)
     and, optionally, to poll the site inboxes."""
     from corelab.inbox import scan_inbox
-    from corelab.receiver import Receiver, ReceiverConfig, start_qc
+    from corelab.receiver import Receiver, ReceiverConfig
+    from corelab.series_completion import start_qc
 
     on_complete = None if qc == "queue" else QcStarter(settings, mode=qc)
     receiver = Receiver(settings, ReceiverConfig.from_settings(settings, **config_overrides), on_complete=on_complete)

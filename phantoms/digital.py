@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -36,8 +36,11 @@ __all__ = [
     "uniform_cylinder",
     "patient_maps",
     "blur_fwhm",
+    "psf_blur",
     "block_mean",
     "add_noise",
+    "reconstruction_noise",
+    "axial_window",
 ]
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
@@ -225,6 +228,29 @@ def _rotation(rotation_deg: float, tilt_deg: float) -> np.ndarray:
     return rx @ rz
 
 
+def _orientation(
+    rotation_deg: float,
+    tilt_deg: float,
+    yaw_deg: float = 0.0,
+    *,
+    mirrored: bool = False,
+    axial_flip: bool = False,
+) -> np.ndarray:
+    """Orthogonal matrix placing the phantom frame in patient space (acting on ``(x, y, z)``).
+
+    ``F @ R_y(yaw) @ R_x(tilt) @ R_z(rotation)``: roll about the phantom axis, tilt about
+    patient ``x``, yaw about patient ``y``, then ``F = diag(-1 if mirrored, 1, -1 if
+    axial_flip)``, a reflection of patient ``x`` and/or ``z`` (angles in degrees). With either
+    reflection alone the matrix is improper (determinant -1): no rigid motion of the phantom
+    gives that image. With both it is the proper rotation by 180 deg about ``y``: the phantom
+    turned end over end on its base.
+    """
+    c = math.radians(yaw_deg)
+    ry = np.array([[math.cos(c), 0.0, math.sin(c)], [0.0, 1.0, 0.0], [-math.sin(c), 0.0, math.cos(c)]])
+    flip = np.diag([-1.0 if mirrored else 1.0, 1.0, -1.0 if axial_flip else 1.0])
+    return flip @ ry @ _rotation(rotation_deg, tilt_deg)
+
+
 def _box_slices(grid: Grid, centre_xyz: np.ndarray, radius_mm: float) -> tuple[slice, slice, slice]:
     """Index slices of the voxels that may touch a ball (patient coordinates)."""
     k, j, i = grid.mm_to_index(centre_xyz)
@@ -320,6 +346,16 @@ class NemaIecTruth:
         Shift of the sphere-ring centre from the grid centre, ``(x, y, z)`` mm.
     grid : Grid
     geometry : NemaIecBodyPhantom
+    yaw_deg : float
+        Rotation about patient ``y`` after the tilt, degrees.
+    mirrored, axial_flip : bool
+        Whether patient ``x`` (left-right) and patient ``z`` (axial direction) were reflected
+        about the ring centre after the rotations.
+    sphere_wall_mm : float
+        Thickness of the cold wall outside each sphere's inner diameter, mm (0: no wall).
+    orientation : ndarray, shape (3, 3)
+        The orthogonal matrix taking phantom-frame directions to patient directions
+        (determinant -1 when exactly one reflection is applied).
     """
 
     activity_kbq_ml: np.ndarray
@@ -335,6 +371,44 @@ class NemaIecTruth:
     shift_mm: tuple[float, float, float]
     grid: Grid
     geometry: NemaIecBodyPhantom
+    yaw_deg: float = 0.0
+    mirrored: bool = False
+    axial_flip: bool = False
+    sphere_wall_mm: float = 0.0
+    orientation: np.ndarray = field(default_factory=lambda: np.eye(3), repr=False)
+
+
+def _add_sphere(
+    act: np.ndarray,
+    grid: Grid,
+    pose: _Pose,
+    centre_ph: Sequence[float],
+    diameter_mm: float,
+    *,
+    inside_kbq_ml: float,
+    outside_kbq_ml: float,
+    wall_mm: float,
+    supersample: int,
+) -> None:
+    """Paint one sphere into ``act`` (in place): fill inside the inner diameter, a cold wall
+    ``wall_mm`` thick around it, replacing the ``outside_kbq_ml`` already painted there."""
+    if wall_mm > 0:
+        layers = [(0.5 * diameter_mm + wall_mm, -outside_kbq_ml), (0.5 * diameter_mm, inside_kbq_ml)]
+    else:
+        layers = [(0.5 * diameter_mm, inside_kbq_ml - outside_kbq_ml)]
+    for radius, conc in layers:
+        region = _box_slices(grid, np.asarray(pose.to_patient(centre_ph)), radius + max(grid.voxel_mm))
+        if conc == 0.0 or any(s.stop <= s.start for s in region):
+            continue  # nothing to paint, or the sphere lies outside the grid
+        region, frac = _volume_fraction(
+            grid,
+            _sdf_sphere(radius, centre_ph),
+            pose=pose,
+            supersample=supersample,
+            region=region,
+            curvature_per_mm=2.0 / radius,
+        )
+        act[region] += conc * frac
 
 
 def nema_iec_phantom(
@@ -346,14 +420,19 @@ def nema_iec_phantom(
     shift_mm: Sequence[float] = (0.0, 0.0, 0.0),
     rotation_deg: float = 0.0,
     tilt_deg: float = 0.0,
+    yaw_deg: float = 0.0,
+    mirrored: bool = False,
+    axial_flip: bool = False,
+    sphere_wall_mm: float = 0.0,
     supersample: int = 4,
     geometry: NemaIecBodyPhantom = NEMA_IEC_BODY,
 ) -> NemaIecTruth:
     """Voxelise a filled NEMA IEC body phantom lying head-first supine on the couch.
 
-    The phantom axis runs along patient ``z`` (lid end towards ``+z``), its flat base is
-    posterior, and the lung insert and sphere ring are anterior (negative ``y`` in LPS). With no
-    shift, the sphere-ring centre (lung axis on the sphere plane) is at the grid centre.
+    With no rotation or reflection the phantom axis runs along patient ``z`` (lid end towards
+    ``+z``), its flat base is posterior, and the lung insert and sphere ring are anterior
+    (negative ``y`` in LPS). With no shift, the sphere-ring centre (lung axis on the sphere
+    plane) is at the grid centre.
 
     Parameters
     ----------
@@ -364,9 +443,23 @@ def nema_iec_phantom(
     shift_mm : (3,) float
         Patient ``(x, y, z)`` shift of the sphere-ring centre from the grid centre, mm.
     rotation_deg : float
-        Roll of the phantom about its own (lung-insert) axis, from ``+x`` towards ``+y``, deg.
+        Roll of the phantom about its own (lung-insert) axis, from ``+x`` towards ``+y``, deg;
+        any value (the full circle).
     tilt_deg : float
         Tilt about patient ``x`` through the sphere-ring centre, applied after the roll, deg.
+    yaw_deg : float
+        Rotation about patient ``y`` through the sphere-ring centre, after the tilt, deg.
+    mirrored : bool
+        Reflect patient ``x`` about the ring centre (the image flipped left-right): the sphere
+        order round the ring is reversed. A reflection, not a rotation.
+    axial_flip : bool
+        Reflect patient ``z`` about the sphere plane (the image flipped head-feet): the lid end
+        points to ``-z`` and the body's mid-plane lies below the sphere plane. Together with
+        ``mirrored`` this is the phantom turned end over end on its base (as when the phantom
+        is scanned the other way round): a proper rotation.
+    sphere_wall_mm : float
+        Cold (glass) wall outside each sphere's inner diameter, mm; the inner diameter stays the
+        nominal one. Real spheres have about 1 mm. Default 0: no wall.
     supersample : int
         Sub-samples per axis in voxels cut by a surface.
     geometry : NemaIecBodyPhantom
@@ -379,11 +472,14 @@ def nema_iec_phantom(
     Notes
     -----
     The lung-insert wall (between the inner and outer radius) and the rest of the phantom shell
-    hold no activity. The 1 mm glass walls of the spheres are not modelled (the sphere interior
-    meets the background directly), so analytic recovery curves apply unchanged.
+    hold no activity. Sphere walls are cold only when ``sphere_wall_mm > 0``; without them the
+    sphere interior meets the background directly, so analytic recovery curves apply
+    unchanged. The spheres' filling stems are not modelled.
     """
     ph = geometry
-    rot = _rotation(rotation_deg, tilt_deg)
+    if sphere_wall_mm < 0:
+        raise ValueError(f"sphere_wall_mm must be >= 0, got {sphere_wall_mm}")
+    rot = _orientation(rotation_deg, tilt_deg, yaw_deg, mirrored=mirrored, axial_flip=axial_flip)
     ring_c = np.asarray(ph.ring_centre_mm)
     t = np.asarray(grid.centre_mm) + np.asarray(shift_mm, dtype=float) - rot @ ring_c
     pose = _Pose(rot, t)
@@ -397,23 +493,11 @@ def nema_iec_phantom(
         if conc != 0.0:
             lung = _sdf_cylinder(radius, ph.interior_length_mm, ph.lung_axis_xy_mm)
             act += conc * _full_fraction(grid, lung, pose=pose, supersample=supersample, curvature_per_mm=1.0 / radius)
-    centres_ph = ph.sphere_centres_mm()
     centres = {}
-    for d_mm, c_ph in centres_ph.items():
-        c_pat = pose.to_patient(c_ph)
-        centres[d_mm] = c_pat
-        region = _box_slices(grid, np.asarray(c_pat), 0.5 * d_mm + max(grid.voxel_mm))
-        if any(s.stop <= s.start for s in region):
-            continue  # sphere outside the grid
-        region, frac = _volume_fraction(
-            grid,
-            _sdf_sphere(0.5 * d_mm, c_ph),
-            pose=pose,
-            supersample=supersample,
-            region=region,
-            curvature_per_mm=4.0 / d_mm,
-        )
-        act[region] += (sphere_kbq_ml - background_kbq_ml) * frac
+    for d_mm, c_ph in ph.sphere_centres_mm().items():
+        centres[d_mm] = pose.to_patient(c_ph)
+        _add_sphere(act, grid, pose, c_ph, d_mm, inside_kbq_ml=sphere_kbq_ml, outside_kbq_ml=background_kbq_ml,
+                    wall_mm=sphere_wall_mm, supersample=supersample)
     return NemaIecTruth(
         activity_kbq_ml=act.astype(np.float32),
         sphere_centres_mm=centres,
@@ -428,6 +512,11 @@ def nema_iec_phantom(
         shift_mm=tuple(float(v) for v in shift_mm),
         grid=grid,
         geometry=ph,
+        yaw_deg=float(yaw_deg),
+        mirrored=bool(mirrored),
+        axial_flip=bool(axial_flip),
+        sphere_wall_mm=float(sphere_wall_mm),
+        orientation=rot,
     )
 
 
@@ -669,12 +758,69 @@ def blur_fwhm(
     :func:`block_mean`: the result is the voxel-integrated image to the accuracy of the fine
     grid.
     """
+    return _gaussian(volume, voxel_mm, fwhm_mm, mode=mode).astype(np.float32)
+
+
+def _sigma_voxels(voxel_mm: Sequence[float], fwhm_mm: float | Sequence[float]) -> np.ndarray:
+    """Gaussian sigma per axis ``(plane, row, col)`` in voxels, from a FWHM in mm."""
     fwhm = np.broadcast_to(np.asarray(fwhm_mm, dtype=float), (3,))
-    sigma_vox = fwhm / FWHM_PER_SIGMA / np.asarray(voxel_mm, dtype=float)
+    return fwhm / FWHM_PER_SIGMA / np.asarray(voxel_mm, dtype=float)
+
+
+def _gaussian(volume: np.ndarray, voxel_mm: Sequence[float], fwhm_mm: float | Sequence[float], *,
+              mode: str = "constant") -> np.ndarray:
+    """Gaussian blur in float64 (see :func:`blur_fwhm`)."""
+    sigma_vox = _sigma_voxels(voxel_mm, fwhm_mm)
     data = np.asarray(volume, dtype=np.float64)
     if not np.any(sigma_vox > 0):
-        return data.astype(np.float32)
-    return ndimage.gaussian_filter(data, sigma=sigma_vox, mode=mode, truncate=5.0).astype(np.float32)
+        return data.copy()
+    return ndimage.gaussian_filter(data, sigma=sigma_vox, mode=mode, truncate=5.0)
+
+
+def psf_blur(
+    volume: np.ndarray,
+    voxel_mm: Sequence[float],
+    fwhm_mm: float | Sequence[float],
+    *,
+    overshoot: float = 0.0,
+    halo_fwhm_mm: float | Sequence[float] | None = None,
+    mode: str = "constant",
+) -> np.ndarray:
+    """Blur with the point-spread function of a resolution-recovery (PSF) reconstruction.
+
+    The kernel is a difference of Gaussians, ``(1 + overshoot) G(fwhm) - overshoot G(halo)``:
+    it integrates to 1 (uniform regions keep their value) but overshoots at edges (Gibbs-like
+    ringing), so small hot spheres read above their true concentration (RCmax > 1) and a dark
+    rim lies just outside hot edges, as in PSF reconstructions without a post-filter.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (planes, rows, cols)
+    voxel_mm : (3,) float
+        ``(slice, row, col)`` spacing, mm.
+    fwhm_mm : float or (3,) float
+        FWHM of the Gaussian core, mm (the kernel's own FWHM is a little smaller).
+    overshoot : float
+        Weight of the subtracted halo, dimensionless; 0 (default) is :func:`blur_fwhm`.
+        About 0.3-0.6 makes 10-17 mm spheres read RCmax 1.0-1.3 at 2-4 mm voxels.
+    halo_fwhm_mm : float or (3,) float, optional
+        FWHM of the halo, mm; default twice ``fwhm_mm``.
+    mode : str
+        Edge handling, as for :func:`blur_fwhm`.
+
+    Returns
+    -------
+    ndarray of float32
+        May hold small negative values next to hot edges when the background is cold.
+    """
+    if overshoot < 0:
+        raise ValueError(f"overshoot must be >= 0, got {overshoot}")
+    core = _gaussian(volume, voxel_mm, fwhm_mm, mode=mode)
+    if overshoot == 0:
+        return core.astype(np.float32)
+    halo_fwhm = 2.0 * np.asarray(fwhm_mm, dtype=float) if halo_fwhm_mm is None else halo_fwhm_mm
+    halo = _gaussian(volume, voxel_mm, halo_fwhm, mode=mode)
+    return ((1.0 + overshoot) * core - overshoot * halo).astype(np.float32)
 
 
 def block_mean(volume: np.ndarray, factor: int | Sequence[int]) -> np.ndarray:
@@ -721,3 +867,101 @@ def add_noise(volume: np.ndarray, *, rng: np.random.Generator, cov: float) -> np
     v = np.asarray(volume, dtype=np.float64)
     noisy = v * (1.0 + cov * rng.standard_normal(v.shape))
     return np.clip(noisy, 0.0, None).astype(np.float32)
+
+
+def _white_noise_sd(sigma_vox: np.ndarray) -> float:
+    """SD of unit white noise after :func:`scipy.ndimage.gaussian_filter` with ``sigma_vox``
+    (``truncate=4``): the root of the product over axes of the summed squared 1-D weights."""
+    var = 1.0
+    for s in sigma_vox:
+        if s > 0:
+            n = 2 * int(4.0 * s + 0.5) + 1
+            delta = np.zeros(n)
+            delta[n // 2] = 1.0
+            var *= float(np.sum(ndimage.gaussian_filter1d(delta, s, mode="constant", truncate=4.0) ** 2))
+    return math.sqrt(var)
+
+
+def reconstruction_noise(
+    volume: np.ndarray,
+    voxel_mm: Sequence[float],
+    *,
+    rng: np.random.Generator,
+    cov: float,
+    level_kbq_ml: float,
+    fwhm_mm: float | Sequence[float] = 6.0,
+    power: float = 0.5,
+) -> np.ndarray:
+    """Noise like a reconstructed PET image's: spatially correlated, its SD rising with activity.
+
+    ``out = max(v + sd(v) * n, 0)`` with ``sd(v) = cov * level * (v / level) ** power`` and ``n``
+    white Gaussian noise smoothed to ``fwhm_mm`` and scaled to unit variance. A uniform region at
+    ``level_kbq_ml`` therefore has a voxel CoV of ``cov`` in the returned image, whatever the
+    correlation; with ``power = 0.5`` (variance proportional to the activity, as for counts) a
+    sphere 10 times hotter has a CoV ``cov / sqrt(10)``. Where ``v <= 0`` nothing is added.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (planes, rows, cols)
+        The noiseless image (already blurred), kBq/mL.
+    voxel_mm : (3,) float
+        ``(slice, row, col)`` spacing, mm.
+    rng : numpy.random.Generator
+        Source of the noise; the same state gives the same image.
+    cov : float
+        Voxel coefficient of variation at ``level_kbq_ml`` (e.g. 0.10 for 10 %), dimensionless.
+    level_kbq_ml : float
+        Concentration at which the CoV is ``cov`` (the phantom background), kBq/mL.
+    fwhm_mm : float or (3,) float
+        FWHM of the noise correlation (the smoothing of the white noise), mm; about the
+        reconstruction's resolution. 0 gives white noise.
+    power : float
+        Exponent of the SD's rise with the activity: 0.5 Poisson-like (default), 1
+        multiplicative, 0 uniform.
+
+    Returns
+    -------
+    ndarray of float32
+        Non-negative, like an OSEM image.
+    """
+    if cov < 0:
+        raise ValueError(f"cov must be >= 0, got {cov}")
+    if level_kbq_ml <= 0:
+        raise ValueError(f"level_kbq_ml must be > 0, got {level_kbq_ml}")
+    v = np.asarray(volume, dtype=np.float64)
+    sigma_vox = _sigma_voxels(voxel_mm, fwhm_mm)
+    white = rng.standard_normal(v.shape)
+    if np.any(sigma_vox > 0):
+        white = ndimage.gaussian_filter(white, sigma=sigma_vox, mode="wrap", truncate=4.0)
+        white /= _white_noise_sd(sigma_vox)
+    sd = cov * level_kbq_ml * (np.clip(v, 0.0, None) / level_kbq_ml) ** power
+    return np.clip(v + sd * white, 0.0, None).astype(np.float32)
+
+
+def axial_window(volume: np.ndarray, grid: Grid, z_min_mm: float, z_max_mm: float) -> tuple[np.ndarray, Grid]:
+    """The planes of an image whose centres lie within ``[z_min_mm, z_max_mm]`` (patient ``z``).
+
+    Cuts an image axially as a scanner's field of view does: blur the whole object first, then
+    cut, so the kept planes see the activity beyond the cut.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (planes, rows, cols)
+    grid : Grid
+        The grid of ``volume``.
+    z_min_mm, z_max_mm : float
+        Patient ``z`` range to keep, mm.
+
+    Returns
+    -------
+    (ndarray, Grid)
+        The kept planes (a view) and their grid.
+    """
+    z = grid.axes_mm()[0]
+    keep = np.flatnonzero((z >= z_min_mm) & (z <= z_max_mm))
+    if keep.size == 0:
+        raise ValueError(f"no plane of the grid (z {z[0]:.1f} to {z[-1]:.1f} mm) lies in [{z_min_mm}, {z_max_mm}] mm")
+    k0, k1 = int(keep[0]), int(keep[-1]) + 1
+    ox, oy, oz = grid.origin_mm
+    sub = Grid((k1 - k0, grid.shape[1], grid.shape[2]), grid.voxel_mm, (ox, oy, oz + k0 * grid.voxel_mm[0]))
+    return volume[k0:k1], sub

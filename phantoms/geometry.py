@@ -79,7 +79,8 @@ class NemaIecBodyPhantom:
         Wall thicknesses; the fillable interior is the outer shape inset by ``side_wall_mm``
         across and by ``end_wall_mm`` at each end.
     sphere_wall_mm : float
-        Glass wall of the spheres (about 1 mm); not modelled as cold by :mod:`phantoms.digital`.
+        Glass wall of the spheres (about 1 mm): cold, it displaces background, which the
+        localiser allows for (:func:`phantoms.localise.expected_activity_volume_ml`).
     background_roi_xy_mm : tuple of (float, float)
         Centres of the 12 background ROIs used for percent contrast and background variability.
         NEMA places them at least 15 mm from the phantom edge. This is a simplified set of 12,

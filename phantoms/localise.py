@@ -16,9 +16,10 @@ Steps (:func:`localise_spheres`):
    every trio of candidates; the fit that explains most candidates, then the smallest RMS, wins;
 3. the activity volume (mL) is measured at each of the six ring positions;
 4. the 12 ways to name the positions (6 turns x 2 directions) are scored by the squared log
-   ratio of measured to nominal volume; the best names the spheres;
+   ratio of measured to expected volume (nominal, less the background the cold glass wall
+   displaces); the best names the spheres;
 5. :func:`check_identity` compares the result with the image: each sphere's measured volume is
-   nearer its own nominal volume than any other; sizes grow round the ring; the ring fits; the
+   nearer its own expected volume than any other (beyond 3 noise SDs measured in the image); sizes grow round the ring; the ring fits; the
    naming wins by a clear margin. Any failure makes the localisation uncertain.
 """
 
@@ -184,8 +185,8 @@ def _fit_hexagon(points: Sequence[np.ndarray], geometry: NemaIecBodyPhantom, *, 
 # Sizes
 # --------------------------------------------------------------------------------------------
 def activity_volume_ml(volume: np.ndarray, frame: Frame, centre_xyz: Sequence[float], *, radius_mm: float,
-                       contrast: float, exclude_axis: tuple[np.ndarray, np.ndarray, float] | None = None
-                       ) -> tuple[float, float]:
+                       contrast: float, core_mm: float = 0.0,
+                       exclude_axis: tuple[np.ndarray, np.ndarray, float] | None = None) -> tuple[float, float]:
     """Volume a hot sphere fills, from the activity it holds above the local background.
 
     ``V = sum(image - B_local) * voxel_ml / (B_local * (contrast - 1))`` over a ball of
@@ -204,13 +205,16 @@ def activity_volume_ml(volume: np.ndarray, frame: Frame, centre_xyz: Sequence[fl
         Ball radius, mm.
     contrast : float
         True sphere-to-background concentration ratio (> 1).
+    core_mm : float
+        Radius about the centre that must lie in the image (the sphere itself); the rest of the
+        ball may be cut by the image edge.
     exclude_axis : (point, direction, radius_mm), optional
         A cylinder (the lung insert) whose voxels the background shell leaves out.
 
     Returns
     -------
     volume_ml, background : float
-        The sphere volume, mL, and ``B_local`` in the image's unit (NaN, NaN when the ball leaves
+        The sphere volume, mL, and ``B_local`` in the image's unit (NaN, NaN when the core leaves
         the image or the background is not positive).
     """
     c = np.asarray(centre_xyz, dtype=float)
@@ -225,8 +229,12 @@ def activity_volume_ml(volume: np.ndarray, frame: Frame, centre_xyz: Sequence[fl
         along = rel @ u
         off2 = np.sum(rel**2, axis=-1) - along**2
         shell &= off2 > rad**2
-    expected = 4.0 / 3.0 * math.pi * radius_mm**3 / float(np.prod(frame.spacing))
-    if inside.sum() < 0.95 * expected or not shell.any():
+    # The ball may be cut by the image edge (a short axial field of view): what is cut off is
+    # background, which adds nothing. The sphere itself (``core_mm``) must be in the image.
+    kji = frame.to_index(c)
+    reach = core_mm / frame.spacing[::-1]
+    within = np.all(kji - reach >= -0.5) and np.all(kji + reach <= np.asarray(frame.shape) - 0.5)
+    if not within or not shell.any():
         return math.nan, math.nan
     sub = volume[region]
     background = float(np.mean(sub[shell]))
@@ -236,18 +244,26 @@ def activity_volume_ml(volume: np.ndarray, frame: Frame, centre_xyz: Sequence[fl
     return excess / (background * (contrast - 1.0)), background
 
 
-def _naming_costs(volumes_ml: Sequence[float], cyclic: Sequence[float]) -> list[tuple[float, int, int]]:
+def expected_activity_volume_ml(diameter_mm: float, *, wall_mm: float, contrast: float) -> float:
+    """Activity volume a sphere of this inner diameter shows: its volume less the background its
+    cold wall displaces, ``V_inner - V_wall / (contrast - 1)``, mL."""
+    wall_ml = sphere_volume_ml(diameter_mm + 2.0 * wall_mm) - sphere_volume_ml(diameter_mm)
+    return sphere_volume_ml(diameter_mm) - wall_ml / (contrast - 1.0)
+
+
+def _naming_costs(volumes_ml: Sequence[float], cyclic: Sequence[float], expected: Mapping[float, float]
+                  ) -> list[tuple[float, int, int]]:
     """``[(cost, turn, direction), ...]`` of the 12 namings, cheapest first.
 
     Position ``k`` is named ``cyclic[(turn + direction * k) % 6]``; the cost is the sum of
-    squared natural-log ratios of measured to nominal volume (a measured volume below 0.05 mL
+    squared natural-log ratios of measured to expected activity volume (a measured volume below 0.05 mL
     counts as 0.05 mL, so noise cannot make it minus infinity).
     """
     logs = [math.log(max(v, 0.05)) if math.isfinite(v) else math.nan for v in volumes_ml]
     out = []
     for turn in range(6):
         for direction in (1, -1):
-            cost = sum((lv - math.log(sphere_volume_ml(cyclic[(turn + direction * k) % 6]))) ** 2
+            cost = sum((lv - math.log(expected[cyclic[(turn + direction * k) % 6]])) ** 2
                        for k, lv in enumerate(logs) if math.isfinite(lv))
             out.append((cost, turn, direction))
     return sorted(out)
@@ -280,11 +296,15 @@ class IdentityCheck:
     reasons : tuple of str
         One sentence per failed check, with the numbers.
     measured_volume_ml, nominal_volume_ml : dict
-        ``{diameter_mm: mL}``: activity volume measured at each named sphere, and the nominal one.
+        ``{diameter_mm: mL}``: activity volume measured at each named sphere, and the one expected
+        of it (:func:`expected_activity_volume_ml`: the nominal volume less the background its
+        cold glass wall displaces).
     measured_diameter_mm : dict
         ``{diameter_mm: mm}``: diameter of a sphere of the measured volume.
     noise_sd_ml : dict
-        ``{diameter_mm: mL}``: how far noise alone moves that measurement in this image.
+        ``{diameter_mm: mL}``: how far noise alone moves that measurement in this image (the
+        background balls' spread, scaled up for the sphere's own activity, as PET noise variance
+        grows with activity).
     order_inversions : int
         Pairs of neighbouring sizes whose measured volumes are in the wrong order.
     naming_margin : float
@@ -353,10 +373,13 @@ def localise_spheres(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhan
     positions = [rotation @ hexagon[k] + centre for k in range(6)]
     radius = _integration_radius_mm(geometry)
     lung = _lung_axis(centre, rotation[:, 2], geometry)
-    vols = [activity_volume_ml(volume, frame, p, radius_mm=radius, contrast=sphere / background,
+    core = 0.5 * min(geometry.sphere_diameters_mm)
+    vols = [activity_volume_ml(volume, frame, p, radius_mm=radius, contrast=sphere / background, core_mm=core,
                                exclude_axis=lung)[0] for p in positions]
     cyclic = [d for _, d in sorted(zip(geometry.sphere_angles_deg, geometry.sphere_diameters_mm))]
-    costs = _naming_costs(vols, cyclic)
+    expected = {d: expected_activity_volume_ml(d, wall_mm=geometry.sphere_wall_mm, contrast=sphere / background)
+                for d in cyclic}
+    costs = _naming_costs(vols, cyclic, expected)
     _, turn, direction = costs[0]
     names = {k: cyclic[(turn + direction * k) % 6] for k in range(6)}
     # a detected sphere keeps its own measured centre; the others sit where the ring puts them
@@ -398,17 +421,18 @@ def fit_ring(found: Mapping[float, np.ndarray], geometry: NemaIecBodyPhantom, *,
 def _noise_ml(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhantom, pose: RingPose, *, radius_mm: float,
               contrast: float) -> float:
     """Spread (robust SD, mL) of the activity volume measured with a ball of ``radius_mm`` where
-    there is no sphere: at the background ROI positions, 20 mm either side of the sphere plane.
+    there is no sphere: at the background ROI positions, 10 and 20 mm either side of the sphere
+    plane (those that fit in the image).
 
     It is how far noise alone moves a sphere's measured volume in this image; NaN when fewer
     than 6 such balls fit in the image.
     """
     ring_c = np.asarray(geometry.ring_centre_mm)
     values = []
-    for dz in (-20.0, 20.0):
+    for dz in (-20.0, -10.0, 10.0, 20.0):
         for bx, by in geometry.background_roi_xy_mm:
             p = pose.to_image((bx, by, geometry.sphere_plane_z_mm + dz), ring_c)
-            v, _ = activity_volume_ml(volume, frame, p, radius_mm=radius_mm, contrast=contrast)
+            v, _ = activity_volume_ml(volume, frame, p, radius_mm=radius_mm, contrast=contrast, core_mm=radius_mm)
             if math.isfinite(v):
                 values.append(v)
     if len(values) < 6:
@@ -448,28 +472,34 @@ def check_identity(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhanto
     for d in ds:
         radius = 0.5 * d + SPILL_MARGIN_MM
         measured[d] = activity_volume_ml(volume, frame, centres[d], radius_mm=radius, contrast=contrast,
-                                         exclude_axis=lung)[0]
-        noise[d] = _noise_ml(volume, frame, geometry, pose, radius_mm=radius, contrast=contrast)
-    nominal = {d: sphere_volume_ml(d) for d in ds}
+                                         core_mm=0.5 * d, exclude_axis=lung)[0]
+        # PET noise variance grows with activity: the hot sphere adds its share to the ball's
+        # variance beyond what the background balls show
+        inflate = math.sqrt(1.0 + (contrast - 1.0) * sphere_volume_ml(d) / (4.0 / 3.0 * math.pi * radius**3 / 1000.0))
+        noise[d] = inflate * _noise_ml(volume, frame, geometry, pose, radius_mm=radius, contrast=contrast)
+    nominal = {d: expected_activity_volume_ml(d, wall_mm=geometry.sphere_wall_mm, contrast=contrast) for d in ds}
 
-    def significant(diff: float, sd: float) -> bool:
-        return not math.isfinite(sd) or abs(diff) > SIGNIFICANCE * sd
+    def significant(diff: float, sd: float, expected: float) -> bool:
+        if math.isfinite(sd):
+            return abs(diff) > SIGNIFICANCE * sd
+        # no room in the image to measure the noise: only a gross difference counts
+        return abs(diff) > 0.5 * expected
 
     reasons = []
     for d in ds:
         v = measured[d]
         if not math.isfinite(v):
-            reasons.append(f"the {d:g} mm sphere's activity volume cannot be measured (its neighbourhood leaves "
-                           "the image or the background is not positive)")
+            reasons.append(f"the {d:g} mm sphere's activity volume cannot be measured (the sphere is cut by the "
+                           "edge of the image, or the background is not positive)")
             continue
         nearest = min(ds, key=lambda n: abs(math.log(max(v, 0.05)) - math.log(nominal[n])))
-        if nearest != d and significant(v - nominal[d], noise[d]):
+        if nearest != d and significant(v - nominal[d], noise[d], nominal[d]):
             reasons.append(f"the sphere named {d:g} mm holds {v:.2f} mL of activity (a {_equivalent_diameter_mm(v):.1f}"
                            f" mm sphere; noise SD {noise[d]:.2f} mL): nearer the {nearest:g} mm sphere "
                            f"({nominal[nearest]:.2f} mL) than its own {nominal[d]:.2f} mL")
     inversions = [(a, b) for a, b in zip(ds, ds[1:])
                   if math.isfinite(measured[a]) and math.isfinite(measured[b]) and measured[a] >= measured[b]
-                  and significant(measured[a] - measured[b], math.hypot(noise[a], noise[b]))]
+                  and significant(measured[a] - measured[b], math.hypot(noise[a], noise[b]), nominal[a])]
     if inversions:
         reasons.append("measured sizes are out of order round the ring: " + "; ".join(
             f"{a:g} mm holds {measured[a]:.2f} mL >= {b:g} mm {measured[b]:.2f} mL" for a, b in inversions))

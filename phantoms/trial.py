@@ -14,7 +14,11 @@ Physics, kept simple and stated:
   START), blurred with the scanner's PSF and given multiplicative noise.
 * Phantom images are the fill concentrations decayed from the fill reference time to the scan
   start, times ``1 + calibration_error_pct / 100`` of the scanner, blurred with the scanner's
-  phantom PSF. The calibration error is applied to phantom scans only.
+  phantom PSF, with correlated noise whose variance follows the activity
+  (:func:`phantoms.digital.reconstruction_noise`; ``PhantomSpec.noise_cov`` is the voxel CoV of
+  the background in the final image). The calibration error is applied to phantom scans only.
+  The NEMA phantom's roll, handedness (mirrored ring), axial direction and tilt are the spec's,
+  or drawn per scanner from the seed where the spec leaves them None (the demo does).
 * Dates written to trial scans are shifted per subject by ``date_shift_days`` (DICOM PS3.15
   "retain longitudinal temporal information with modified dates"); times of day and intervals
   are kept, so uptake times and SUVs are unchanged. Phantom scans are not shifted.
@@ -51,8 +55,9 @@ Layout of ``outdir``::
                 (trial CT) date_shift_days, rescale_intercept_hu
         phantom (phantoms) kind, fill {the fill sheet}, fill_sheet (relative path), scan_start,
                 decay_factor_to_scan_start, calibration_error_pct, fwhm_mm, voxel_mm, shift_mm,
-                noise_cov, supersample; NEMA: rotation_deg, sphere_centres_mm {"10": [x, y, z]},
-                body_centre_mm, intended_earl_result {standard, result};
+                noise_cov (as drawn), noise_fwhm_mm, supersample; NEMA: rotation_deg, mirrored,
+                axial_flip, tilt_deg (as drawn), sphere_wall_mm, sphere_centres_mm
+                {"10": [x, y, z]}, body_centre_mm, intended_earl_result {standard, result};
                 cylinder: expected_image_kbq_ml, true_image_kbq_ml
     problems    [code, series_uid, study_uid, modality, path, site, scanner, subject, visit,
                  attribute, planted_value, expected, ...]: one entry per affected series.
@@ -221,10 +226,22 @@ class PhantomSpec:
         (slice, row, col) spacing of phantom images, mm (2-5 mm).
     shift_mm : tuple of float
         Phantom displacement (x, y, z) in mm.
-    rotation_deg : float
-        NEMA phantom rotation about its axis, degrees.
-    noise_cov : float
-        Coefficient of variation of multiplicative noise (0 = none).
+    rotation_deg : float or None
+        NEMA phantom roll about its axis, degrees; None: drawn per scanner over the full circle.
+    mirrored, axial_flip : bool or None
+        NEMA phantom image reflected left-right / head-feet (see
+        :func:`phantoms.digital.nema_iec_phantom`); None: drawn per scanner (even odds).
+    tilt_deg : float or None
+        NEMA phantom tilt about patient ``x``, degrees; None: drawn per scanner within +/-3 deg.
+    sphere_wall_mm : float
+        Cold glass wall of the NEMA spheres, mm (0 = none; real spheres about 1 mm).
+    noise_cov : float or (float, float)
+        Voxel coefficient of variation of the background (NEMA) or of the cylinder in the
+        final image (0 = none); a pair: drawn per phantom scan within that range. The noise
+        is correlated and its variance follows the activity (see
+        :func:`phantoms.digital.reconstruction_noise`).
+    noise_fwhm_mm : float
+        Correlation FWHM of the noise, mm.
     scan_delay_min : tuple of float
         Range of the delay between fill reference time and scan start, min.
     days_before_trial : int
@@ -242,8 +259,13 @@ class PhantomSpec:
     cylinder_shape: tuple[int, int, int] = (56, 64, 64)
     voxel_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
     shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    rotation_deg: float = 0.0
-    noise_cov: float = 0.0
+    rotation_deg: float | None = 0.0
+    mirrored: bool | None = False
+    axial_flip: bool | None = False
+    tilt_deg: float | None = 0.0
+    sphere_wall_mm: float = 0.0
+    noise_cov: float | tuple[float, float] = 0.0
+    noise_fwhm_mm: float = 6.0
     scan_delay_min: tuple[float, float] = (30.0, 60.0)
     days_before_trial: int = 21
     supersample: int = 4
@@ -313,7 +335,8 @@ class TrialSpec:
     # ---- construction ----------------------------------------------------------------------
     @classmethod
     def demo(cls) -> "TrialSpec":
-        """FDG-RESP-01: 3 sites, 4 scanners of 3 vendors, 12 subjects x 2 visits."""
+        """FDG-RESP-01: 3 sites, 4 scanners of 3 vendors, 12 subjects x 2 visits; noisy phantom
+        scans in varied poses."""
         sites = [
             SiteSpec("A01", "SITE_A01", "Site A01 PET Centre", 5),
             SiteSpec("B02", "SITE_B02", "Site B02 Nuclear Medicine", 5),
@@ -322,16 +345,16 @@ class TrialSpec:
         scanners = [
             ScannerSpec("A01-1", "A01", "SIEMENS", "Biograph Vision 600", "10147", "VG80B",
                         "VG80C", station_name="PETCT01", pet_voxel_mm=(3.0, 4.0, 4.0),
-                        psf_fwhm_mm=5.5, nema_fwhm_mm=8.0,
+                        psf_fwhm_mm=5.5, nema_fwhm_mm=7.6,
                         reconstruction_method="PSF+TOF 4i5s", convolution_kernel="XYZGAUSS4.00",
                         ct_kernel="Br38f", tm_fraction_digits=6, frame_duration_s=150),
             ScannerSpec("A01-2", "A01", "GE MEDICAL SYSTEMS", "Discovery MI", "PETMI0482",
                         "pet_dmi.43", "pet_dmi.50", station_name="DMI4R", pet_voxel_mm=(2.79, 4.0, 4.0),
-                        psf_fwhm_mm=6.5, nema_fwhm_mm=7.5, reconstruction_method="VPFXS",
+                        psf_fwhm_mm=6.5, nema_fwhm_mm=7.6, reconstruction_method="VPFXS",
                         convolution_kernel="6.4 mm Gaussian", ct_kernel="STANDARD", frame_duration_s=120),
             ScannerSpec("B02-1", "B02", "Philips", "Vereos PET/CT", "760212", "2.0.2.33111",
                         "3.0.1.41020", station_name="VEREOS-B02", pet_voxel_mm=(4.0, 4.0, 4.0),
-                        psf_fwhm_mm=6.5, nema_fwhm_mm=7.8, calibration_error_pct=3.0,
+                        psf_fwhm_mm=6.5, nema_fwhm_mm=8.0, calibration_error_pct=3.0,
                         reconstruction_method="BLOB-OS-TF", convolution_kernel="SMOOTH", ct_kernel="B",
                         writes_patient_size=True, frame_duration_s=120),
             ScannerSpec("C03-1", "C03", "SIEMENS", "Biograph mCT", "30287", "VG60C", "VG62A",
@@ -340,7 +363,13 @@ class TrialSpec:
                         convolution_kernel="XYZGAUSS5.00", ct_kernel="B30f",
                         tm_fraction_digits=6, accredited=False, frame_duration_s=180),
         ]
-        return cls(sites=sites, scanners=scanners, software_change_scanner="B02-1")
+        # Phantom scans as sites send them: each scanner's NEMA phantom at its own roll,
+        # handedness, axial direction and tilt (drawn from the seed), glass sphere walls, and
+        # clinical noise. The NEMA PSFs above put the accredited scanners inside the EARL1 bands
+        # under that noise (the narrowest margin at seed 0 is 0.03).
+        phantom = PhantomSpec(rotation_deg=None, mirrored=None, axial_flip=None, tilt_deg=None,
+                              sphere_wall_mm=1.0, noise_cov=(0.08, 0.12))
+        return cls(sites=sites, scanners=scanners, phantom=phantom, software_change_scanner="B02-1")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrialSpec":
@@ -1008,6 +1037,25 @@ def _write_visit(outdir: Path, spec: TrialSpec, v: _Visit, seed: int,
     return [pet_entry, ct_entry], problems
 
 
+def _phantom_pose(ps: PhantomSpec, seed: int, scanner_index: int) -> dict[str, Any]:
+    """One scanner's NEMA phantom pose: the spec's values, those left None drawn from the seed
+    (roll over the full circle, either handedness and axial direction, tilt within +/-3 deg)."""
+    rng = _rng(seed, 6, scanner_index)
+    drawn = {"rotation_deg": round(float(rng.uniform(0.0, 360.0)), 1),
+             "mirrored": bool(rng.integers(2)),
+             "axial_flip": bool(rng.integers(2)),
+             "tilt_deg": round(float(rng.uniform(-3.0, 3.0)), 1)}
+    return {k: v if getattr(ps, k) is None else getattr(ps, k) for k, v in drawn.items()}
+
+
+def _noise_cov(ps: PhantomSpec, rng: np.random.Generator) -> float:
+    """The phantom scan's noise CoV: the spec's value, or drawn within its range."""
+    if isinstance(ps.noise_cov, (tuple, list)):
+        low, high = ps.noise_cov
+        return round(float(rng.uniform(low, high)), 3)
+    return float(ps.noise_cov)
+
+
 def _write_phantom(outdir: Path, spec: TrialSpec, scanner: ScannerSpec, kind: str, seed: int,
                    day: dt.date) -> dict[str, Any]:
     ps = spec.phantom
@@ -1019,29 +1067,34 @@ def _write_phantom(outdir: Path, spec: TrialSpec, scanner: ScannerSpec, kind: st
     scale = decay * (1.0 + scanner.calibration_error_pct / 100.0)
     site_dir = outdir / "sites" / scanner.site / "phantoms"
     series_dir = site_dir / f"{scanner.id}-{kind}"
+    noise_cov = _noise_cov(ps, rng)
     truth: dict[str, Any] = {"kind": kind, "decay_factor_to_scan_start": decay,
                              "calibration_error_pct": scanner.calibration_error_pct,
                              "voxel_mm": list(ps.voxel_mm), "shift_mm": list(ps.shift_mm),
-                             "noise_cov": ps.noise_cov, "supersample": ps.supersample}
+                             "noise_cov": noise_cov, "noise_fwhm_mm": ps.noise_fwhm_mm,
+                             "supersample": ps.supersample}
     if kind == "nema_iec":
         grid = digital.Grid.centred(ps.nema_shape, ps.voxel_mm, (0.0, 0.0, NEMA_IEC_BODY.sphere_plane_z_mm))
+        pose = _phantom_pose(ps, seed, spec.scanners.index(scanner))
         phantom = digital.nema_iec_phantom(
             grid, sphere_kbq_ml=ps.sphere_kbq_ml * scale, background_kbq_ml=ps.background_kbq_ml * scale,
-            lung_kbq_ml=0.0, shift_mm=ps.shift_mm, rotation_deg=ps.rotation_deg,
-            supersample=ps.supersample)
+            lung_kbq_ml=0.0, shift_mm=ps.shift_mm, sphere_wall_mm=ps.sphere_wall_mm,
+            supersample=ps.supersample, **pose)
         kbq_ml = phantom.activity_kbq_ml
         fwhm_mm = scanner.nema_fwhm_mm
+        noise_level_kbq_ml = ps.background_kbq_ml * scale
         spheres_ml = sum(NEMA_IEC_BODY.sphere_volumes_ml.values())
         volume_ml = _NEMA_BACKGROUND_ML
         dose_bq = 1000.0 * (ps.background_kbq_ml * volume_ml + ps.sphere_kbq_ml * spheres_ml)
         fill = {"kind": kind, "scanner": scanner.id, "site": scanner.site,
                 "sphere_kbq_ml": ps.sphere_kbq_ml, "background_kbq_ml": ps.background_kbq_ml,
                 "lung_kbq_ml": 0.0}
-        truth.update({"rotation_deg": ps.rotation_deg,
+        truth.update({**pose, "sphere_wall_mm": ps.sphere_wall_mm,
                       "sphere_centres_mm": _jsonable(phantom.sphere_centres_mm),
                       "body_centre_mm": list(phantom.body_centre_mm),
-                      # Intent, not a computed verdict: with noise_cov 0 RCmax cannot exceed 1,
-                      # so only EARL1 can pass; a 10.5 mm PSF fails EARL1 for 10-17 mm spheres.
+                      # Intent, not a computed verdict: with a Gaussian PSF and little noise in
+                      # the spheres RCmax stays near or below 1, so only EARL1 can pass; a
+                      # 10.5 mm PSF fails EARL1 for 10-17 mm spheres.
                       "intended_earl_result": {"standard": "EARL1",
                                                "result": "pass" if scanner.accredited else "fail"}})
     else:
@@ -1050,6 +1103,7 @@ def _write_phantom(outdir: Path, spec: TrialSpec, scanner: ScannerSpec, kind: st
             grid, concentration_kbq_ml=ps.cylinder_kbq_ml * scale, radius_mm=ps.cylinder_radius_mm,
             length_mm=ps.cylinder_length_mm, shift_mm=ps.shift_mm, supersample=ps.supersample)
         fwhm_mm = scanner.psf_fwhm_mm
+        noise_level_kbq_ml = ps.cylinder_kbq_ml * scale
         volume_ml = math.pi * (ps.cylinder_radius_mm / 10.0) ** 2 * ps.cylinder_length_mm / 10.0
         dose_bq = 1000.0 * ps.cylinder_kbq_ml * volume_ml
         fill = {"kind": kind, "scanner": scanner.id, "site": scanner.site,
@@ -1060,9 +1114,11 @@ def _write_phantom(outdir: Path, spec: TrialSpec, scanner: ScannerSpec, kind: st
     fill.update({"reference_time": reference.isoformat(), "radionuclide": "F-18",
                  "half_life_s": _F18_HALF_LIFE_S, "volume_ml": round(volume_ml, 1),
                  "total_activity_bq": round(dose_bq, 0)})
-    activity = digital.blur_fwhm(kbq_ml, grid.voxel_mm, fwhm_mm).astype(np.float64) * 1000.0
-    if ps.noise_cov > 0:
-        activity = digital.add_noise(activity, rng=rng, cov=ps.noise_cov).astype(np.float64)
+    image_kbq_ml = digital.blur_fwhm(kbq_ml, grid.voxel_mm, fwhm_mm)
+    if noise_cov > 0:
+        image_kbq_ml = digital.reconstruction_noise(image_kbq_ml, grid.voxel_mm, rng=rng, cov=noise_cov,
+                                                    level_kbq_ml=noise_level_kbq_ml, fwhm_mm=ps.noise_fwhm_mm)
+    activity = image_kbq_ml.astype(np.float64) * 1000.0
     header = _phantom_header(spec, scanner, kind, seed, reference, scan_start, dose_bq, volume_ml)
     paths = dicomio.write_pet_series(series_dir, activity, grid, header)
     fill_path = site_dir / f"{scanner.id}-{kind}.fill.yaml"

@@ -19,7 +19,8 @@ from sqlmodel import select
 
 from corelab.db import session_scope
 from corelab.models import Instance
-from corelab.receiver import HANDSHAKE_TIMEOUT_S, Receiver, ReceiverConfig
+from corelab.receiver import Receiver, ReceiverConfig
+from corelab.receiver_config import HANDSHAKE_TIMEOUT_S
 from corelab.register import add_site
 from tests.receiver_helpers import echoscu, small_series, storescu, wait_for
 

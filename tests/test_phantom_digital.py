@@ -1,23 +1,31 @@
-"""Digital phantoms: geometry, exact partial volume, image formation."""
+"""Digital phantoms: geometry, exact partial volume, image formation, and the variety of real
+scans (roll, reflections, glass walls, PSF overshoot, reconstruction noise, axial cut)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from corelab.dicomio import load_volume
 from phantoms.digital import (
     PATIENT_LABELS,
     Grid,
     Lesion,
     add_noise,
+    axial_window,
     blur_fwhm,
     nema_iec_phantom,
     patient_maps,
+    psf_blur,
+    reconstruction_noise,
     uniform_cylinder,
 )
 from phantoms.geometry import NEMA_IEC_BODY, sphere_volume_ml
+from phantoms.trial import TrialSpec, _write_phantom
 
 
 def _sphere_sums_ml(truth, *, margin_mm):
@@ -192,3 +200,163 @@ def test_patient_maps_default_lesions_reproducible():
     assert a.lesions == b.lesions and len(a.lesions) == 3
     assert np.array_equal(a.suv, b.suv)
     assert all(4.0 <= les.suv <= 12.0 for les in a.lesions)
+
+
+# ------------------------------------------------------------------------------------------
+# Real-world variety: reflections, glass walls, PSF overshoot, reconstruction noise, axial cut
+# ------------------------------------------------------------------------------------------
+def test_mirrored_and_axial_flip_are_reflections_of_the_image():
+    """With the ring centre at the grid centre, the mirrored phantom is the canonical image
+    flipped left-right (columns), the axially flipped one flipped head-feet (planes), and both
+    together the phantom turned end over end (a proper rotation)."""
+    g = Grid.centred((24, 64, 64), (4.0, 4.0, 4.0))
+    kw = dict(rotation_deg=23.0, supersample=2)
+    base = nema_iec_phantom(g, **kw)
+    mirrored = nema_iec_phantom(g, mirrored=True, **kw)
+    flipped = nema_iec_phantom(g, axial_flip=True, **kw)
+    both = nema_iec_phantom(g, mirrored=True, axial_flip=True, **kw)
+    assert np.allclose(mirrored.activity_kbq_ml, base.activity_kbq_ml[:, :, ::-1], atol=1e-5)
+    assert np.allclose(flipped.activity_kbq_ml, base.activity_kbq_ml[::-1], atol=1e-5)
+    assert np.allclose(both.activity_kbq_ml, base.activity_kbq_ml[::-1, :, ::-1], atol=1e-5)
+    assert np.linalg.det(mirrored.orientation) == pytest.approx(-1.0)
+    assert np.linalg.det(flipped.orientation) == pytest.approx(-1.0)
+    assert np.linalg.det(both.orientation) == pytest.approx(1.0)
+    assert flipped.lung_axis_direction == pytest.approx((0.0, 0.0, -1.0))
+    assert flipped.body_centre_mm[2] - flipped.lung_axis_point_mm[2] == pytest.approx(27.0)
+
+    def ring_angles(truth):
+        c = np.array([truth.sphere_centres_mm[d] for d in NEMA_IEC_BODY.sphere_diameters_mm])
+        rel = c - np.asarray(truth.lung_axis_point_mm)
+        return np.degrees(np.arctan2(rel[:, 1], rel[:, 0]))
+
+    # round the ring by increasing size: +60 deg steps, mirrored -60 deg steps
+    assert np.diff(np.unwrap(ring_angles(base), period=360)) == pytest.approx(60.0)
+    assert np.diff(np.unwrap(ring_angles(mirrored), period=360)) == pytest.approx(-60.0)
+
+
+@pytest.mark.parametrize("roll_deg", [0.0, 111.0, 259.0])
+def test_roll_over_the_full_circle_is_rigid(roll_deg):
+    g = Grid.centred((16, 64, 64), (4.0, 4.0, 4.0))
+    a = nema_iec_phantom(g, supersample=1)
+    b = nema_iec_phantom(g, rotation_deg=roll_deg, yaw_deg=3.0, supersample=1)
+    pa = np.array([a.sphere_centres_mm[d] for d in sorted(a.sphere_centres_mm)])
+    pb = np.array([b.sphere_centres_mm[d] for d in sorted(b.sphere_centres_mm)])
+    da = np.linalg.norm(pa[:, None] - pa[None], axis=-1)
+    assert np.linalg.norm(pb[:, None] - pb[None], axis=-1) == pytest.approx(da)
+    rel = pb[0] - np.asarray(b.lung_axis_point_mm)
+    # the 10 mm sphere sits at the roll angle (yaw 3 deg barely moves it in x, y)
+    assert math.degrees(math.atan2(rel[1], rel[0])) % 360 == pytest.approx(roll_deg % 360, abs=0.2)
+
+
+def test_glass_walls_are_cold_and_keep_the_inner_volume():
+    g = Grid.centred((20, 80, 80), (2.0, 2.0, 2.0))
+    kw = dict(rotation_deg=31.0, supersample=4)
+    # spheres only: the wall does not change what the spheres hold
+    hot = nema_iec_phantom(g, sphere_kbq_ml=1.0, background_kbq_ml=0.0, sphere_wall_mm=1.0, **kw)
+    for d, v in _sphere_sums_ml(hot, margin_mm=4.0).items():
+        assert v == pytest.approx(sphere_volume_ml(d), rel=0.005), d
+    # background only: the walls remove a shell of background 1 mm thick round each sphere
+    g2 = Grid.centred((20, 40, 40), (4.0, 4.0, 4.0))
+    walled = nema_iec_phantom(g2, sphere_kbq_ml=0.0, background_kbq_ml=1.0, sphere_wall_mm=1.0, **kw)
+    bare = nema_iec_phantom(g2, sphere_kbq_ml=0.0, background_kbq_ml=1.0, **kw)
+    removed = bare.activity_kbq_ml.sum(dtype=np.float64) - walled.activity_kbq_ml.sum(dtype=np.float64)
+    removed_ml = float(removed) * 0.064  # 4 mm voxels hold 0.064 mL
+    shells_ml = sum(sphere_volume_ml(d + 2.0) - sphere_volume_ml(d) for d in NEMA_IEC_BODY.sphere_diameters_mm)
+    assert removed_ml == pytest.approx(shells_ml, rel=0.01)
+    assert walled.sphere_wall_mm == 1.0 and bare.sphere_wall_mm == 0.0
+    with pytest.raises(ValueError):
+        nema_iec_phantom(g2, sphere_wall_mm=-1.0)
+
+
+def test_psf_overshoot_makes_small_spheres_read_hot():
+    g = Grid.centred((24, 96, 96), (3.0, 3.0, 3.0))
+    truth = nema_iec_phantom(g, supersample=2)
+    act = truth.activity_kbq_ml
+    assert np.array_equal(psf_blur(act, g.voxel_mm, 6.0), blur_fwhm(act, g.voxel_mm, 6.0))
+    img = psf_blur(act, g.voxel_mm, 5.0, overshoot=0.5)
+    # the kernel integrates to 1: activity kept (object well inside the grid), uniform
+    # background unchanged
+    cube = np.zeros((40, 40, 40))
+    cube[15:25, 15:25, 15:25] = 1.0
+    assert psf_blur(cube, (2.0, 2.0, 2.0), 5.0, overshoot=0.5).sum(dtype=np.float64) == pytest.approx(1000.0, rel=1e-5)
+    bx, by, bz = truth.body_centre_mm
+    k, j, i = (int(round(v)) for v in g.mm_to_index((bx - 60.0, by + 40.0, truth.lung_axis_point_mm[2])))
+    assert img[k, j, i] == pytest.approx(2.0, rel=1e-3)
+    z, y, x = g.axes_mm()
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+
+    def rc_max(d):
+        cx, cy, cz = truth.sphere_centres_mm[d]
+        return img[(xx - cx) ** 2 + (yy - cy) ** 2 + (zz - cz) ** 2 <= (0.5 * d + 5.0) ** 2].max() / 20.0
+
+    assert rc_max(13.0) > 1.0 and rc_max(17.0) > rc_max(37.0) > 1.0
+    with pytest.raises(ValueError):
+        psf_blur(act, g.voxel_mm, 5.0, overshoot=-0.1)
+
+
+def test_reconstruction_noise_cov_correlation_and_activity_dependence():
+    vol = np.full((40, 60, 60), 2.0)
+    vol[:, :, 30:] = 20.0  # a region ten times hotter
+    vox = (2.0, 2.0, 2.0)
+    a = reconstruction_noise(vol, vox, rng=np.random.default_rng(4), cov=0.12, level_kbq_ml=2.0, fwhm_mm=6.0)
+    b = reconstruction_noise(vol, vox, rng=np.random.default_rng(4), cov=0.12, level_kbq_ml=2.0, fwhm_mm=6.0)
+    assert np.array_equal(a, b) and a.dtype == np.float32
+    cold, hot = a[:, :, 2:26], a[:, :, 34:58]
+    assert cold.std() / cold.mean() == pytest.approx(0.12, rel=0.05)
+    assert cold.mean() == pytest.approx(2.0, rel=0.01)
+    # variance follows the activity: CoV / sqrt(10) ten times hotter
+    assert hot.std() / hot.mean() == pytest.approx(0.12 / math.sqrt(10.0), rel=0.05)
+    # correlated like a reconstruction: neighbours share much of their noise
+    d = cold - cold.mean()
+    assert float(np.mean(d[:, :, 1:] * d[:, :, :-1]) / d.var()) > 0.5
+    white = reconstruction_noise(vol, vox, rng=np.random.default_rng(4), cov=0.12, level_kbq_ml=2.0, fwhm_mm=0.0)
+    dw = white[:, :, 2:26] - 2.0
+    assert abs(float(np.mean(dw[:, :, 1:] * dw[:, :, :-1]) / dw.var())) < 0.05
+    # nothing added where there is no activity; never negative
+    empty = np.zeros((8, 8, 8))
+    assert not reconstruction_noise(empty, vox, rng=np.random.default_rng(0), cov=0.5, level_kbq_ml=1.0).any()
+    assert (reconstruction_noise(vol, vox, rng=np.random.default_rng(1), cov=1.5, level_kbq_ml=2.0) >= 0).all()
+    with pytest.raises(ValueError):
+        reconstruction_noise(vol, vox, rng=np.random.default_rng(1), cov=-0.1, level_kbq_ml=2.0)
+
+
+def test_axial_window_cuts_planes_and_keeps_the_grid():
+    g = Grid.centred((20, 4, 4), (5.0, 2.0, 2.0), centre_mm=(0.0, 0.0, 10.0))
+    vol = np.arange(20.0)[:, None, None] * np.ones((20, 4, 4))
+    cut, sub = axial_window(vol, g, 0.0, 31.0)
+    z = g.axes_mm()[0]
+    kept = (z >= 0.0) & (z <= 31.0)
+    assert cut.shape == (int(kept.sum()), 4, 4) and sub.shape == cut.shape
+    assert sub.axes_mm()[0] == pytest.approx(z[kept])
+    assert cut[:, 0, 0] == pytest.approx(np.flatnonzero(kept))
+    with pytest.raises(ValueError, match="no plane"):
+        axial_window(vol, g, 500.0, 600.0)
+
+
+def test_demo_phantoms_are_noisy_and_varied(tmp_path):
+    """The demo's NEMA phantoms: every scanner's at its own roll, both handednesses and both
+    axial directions among them (seed 0), glass walls, background CoV within the spec's range
+    and equal to what the ground truth records; the same seed writes the same bytes."""
+    spec = TrialSpec.demo()
+    day = dt.date(2031, 3, 4)
+    poses = []
+    for scanner in spec.scanners:
+        entry = _write_phantom(tmp_path / scanner.id, spec, scanner, "nema_iec", 0, day)
+        ph = entry["phantom"]
+        poses.append((ph["rotation_deg"], ph["mirrored"], ph["axial_flip"], ph["tilt_deg"]))
+        vol = load_volume(sorted((tmp_path / scanner.id / entry["path"]).glob("*.dcm")))
+        # deep background: at least 4 voxels (16 mm) from any sphere, wall or edge
+        body = nema_iec_phantom(Grid(vol.array.shape, vol.voxel_mm, vol.origin_mm), sphere_kbq_ml=0.0,
+                                background_kbq_ml=1.0, shift_mm=spec.phantom.shift_mm, supersample=1,
+                                **{k: ph[k] for k in ("rotation_deg", "mirrored", "axial_flip", "tilt_deg")})
+        flat = ndimage.binary_erosion(body.activity_kbq_ml > 0.999, iterations=4)
+        cov = float(vol.array[flat].std() / vol.array[flat].mean())
+        low, high = spec.phantom.noise_cov
+        assert low <= ph["noise_cov"] <= high and ph["sphere_wall_mm"] == 1.0
+        assert cov == pytest.approx(ph["noise_cov"], rel=0.1), scanner.id
+    assert len({p[0] for p in poses}) == len(poses)
+    assert {p[1] for p in poses} == {True, False} and {p[2] for p in poses} == {True, False}
+    again = _write_phantom(tmp_path / "again", spec, spec.scanners[0], "nema_iec", 0, day)
+    first = sorted((tmp_path / spec.scanners[0].id / again["path"]).glob("*.dcm"))
+    second = sorted((tmp_path / "again" / again["path"]).glob("*.dcm"))
+    assert len(first) > 0 and [p.read_bytes() for p in first] == [p.read_bytes() for p in second]

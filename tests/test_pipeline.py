@@ -80,12 +80,17 @@ def test_demo_series_states_and_report(demo_runs):
     truth = json.loads((Path(first["synthetic_trial"]) / "ground_truth.json").read_text())
     with session_scope(settings) as session:
         rows = {r["series_uid"]: r for r in series_rows(session)}
-    assert set(rows) == {s["series_uid"] for s in truth["series"]}
     named = {p["series_uid"] for p in truth["problems"] if p["code"] == "patient_name_in_header"}
+    assert named
+    # an object that fails the de-identification check makes no row at all (not even a series)
+    assert set(rows) == {s["series_uid"] for s in truth["series"]} - named
     for uid, row in rows.items():
-        assert row["state"] == ("quarantined" if uid in named else "complete")
-        if uid not in named:
-            assert row["qc_state"] == "done", row
+        assert row["state"] == "complete" and row["qc_state"] == "done", row
+    from corelab.models import QuarantineItem
+    from sqlmodel import select
+    with session_scope(settings) as session:
+        held = session.exec(select(QuarantineItem)).all()
+    assert named <= {q.series_uid for q in held if q.reason_code == "deid_failed"}
     report = Path(first["report"]).read_text()
     assert "data:image/png;base64," in report
     for needle in ("FDG-RESP-01", "A01", "B02", "C03", "uptake_window", "scanner_accredited", "failed"):

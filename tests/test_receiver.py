@@ -19,8 +19,9 @@ from sqlmodel import select
 from corelab.db import open_store, session_scope
 from corelab.inbox import inbox_dir, scan_inbox
 from corelab.models import Instance, QuarantineItem, Series
-from corelab.receiver import Receiver, ReceiverConfig, claim_qc, complete_stable_series, recover
+from corelab.receiver import Receiver, ReceiverConfig
 from corelab.register import add_site
+from corelab.series_completion import claim_qc, complete_stable_series, recover
 from tests.receiver_helpers import (DCMTK_ENV, STORESCU, assert_store_exact, echoscu, instance_count, qc_claims,
                                     series_by_uid, small_series, storescu, wait_for)
 
@@ -399,7 +400,7 @@ def test_out_of_resources_only_for_real_resource_failures(failure, expected, cap
 
     import sqlalchemy.exc
 
-    from corelab.receiver import handle_store
+    from corelab.dicom_handlers import handle_store
 
     if failure == "db_down":
         failure = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))

@@ -1,0 +1,177 @@
+"""Series completion, the once-only QC start, and restart recovery.
+
+Its own module because it runs on the node's ticker (and in ``corelab watch``), not in any
+pynetdicom thread: it reads and updates series rows, never a socket. :mod:`corelab.receiver`
+calls :func:`recover` at start and :func:`complete_stable_series` on every tick; the inbox
+(``flows/receive.py``, ``corelab watch``) calls :func:`start_qc` for what it completed itself.
+
+Durability and restart
+----------------------
+Success is sent only after the durable write and the committed index row. On start,
+:func:`recover` deletes temporary files left by a dead process and indexes spool files that were
+written but whose row never committed (never acknowledged; the sender will resend, and that
+resend is then a no-op duplicate), so anything written is known.
+
+Completion and QC
+-----------------
+A series is stable when no object arrived for ``stable_s`` seconds (``Series.last_received_at``).
+The ticker completes it (checksum, completeness against the header's counts and the slice
+positions), then claims its QC start with one atomic ``UPDATE ... SET qc_state='queued' WHERE
+qc_state='pending'``: only one caller, in any process, before or after a restart, can win, and
+the winner records an audit event and calls ``on_complete(series_id)``. The kernel never imports
+a flow: the caller hands in the callback (``flows/receive.py`` starts the Prefect QC).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import or_, update
+from sqlalchemy.engine import Engine
+from sqlmodel import col, select
+
+from corelab import audit
+from corelab.db import transaction
+from corelab.ingest import complete_series
+from corelab.models import Instance, Series, utcnow
+from corelab.receiver_store import Store, retrying
+from corelab.settings import Settings
+
+# The node's one logger, whichever of its modules logs (operators and tests filter on this name).
+LOG = logging.getLogger("corelab.receiver")
+
+
+def claim_qc(engine: Engine, series_id: int, *, actor: str = "receiver") -> bool:
+    """Claim the QC start of a complete series: True for exactly one caller, ever.
+
+    The conditional UPDATE is atomic in SQLite and PostgreSQL alike, so two threads, two
+    processes or a process before and after a crash cannot both win; the winner's audit event
+    is written in the same transaction.
+    """
+    def once() -> bool:
+        with transaction(engine) as session:
+            result = session.execute(update(Series)
+                                     .where(Series.id == series_id, Series.qc_state == "pending",
+                                            Series.state == "complete")
+                                     .values(qc_state="queued", qc_at=utcnow()))
+            if result.rowcount != 1:
+                return False
+            series = session.get(Series, series_id)
+            audit.append(session, actor=actor, action="series.qc_queued", entity="series",
+                         entity_id=series.series_uid,
+                         detail={"instances": series.instance_count, "checksum": series.checksum,
+                                 "completeness": series.completeness})
+            return True
+    return bool(retrying(once, f"claim QC of series {series_id}"))
+
+
+def start_qc(engine: Engine, series_ids: list[int], on_complete: Callable[[int], None] | None, *,
+             actor: str = "receiver") -> list[int]:
+    """Claim and start QC for each series; returns the ids this caller started."""
+    started = []
+    for series_id in series_ids:
+        if not claim_qc(engine, series_id, actor=actor):
+            continue
+        started.append(series_id)
+        if on_complete is None:
+            continue
+        try:
+            on_complete(series_id)
+        except Exception:  # QC is claimed: mark it failed rather than leave it queued in silence
+            LOG.exception("series %d: starting QC failed; marked qc_state=failed", series_id)
+            with transaction(engine) as session:
+                session.execute(update(Series).where(Series.id == series_id).values(qc_state="failed"))
+    return started
+
+
+def complete_stable_series(engine: Engine, *, stable_s: float, on_complete: Callable[[int], None] | None = None,
+                           now=None) -> list[int]:
+    """Complete every series with no arrival for ``stable_s`` seconds, then start its QC once.
+
+    Also claims QC for complete series still pending (completed by a file drop, or completed
+    just before a crash), so a restart finishes what was interrupted. Returns the ids completed.
+    """
+    cutoff = (now or utcnow()) - timedelta(seconds=stable_s)
+    stable = (col(Series.last_received_at).is_not(None) & (col(Series.last_received_at) <= cutoff)
+              & or_(col(Series.completed_at).is_(None), col(Series.completed_at) < col(Series.last_received_at)))
+    with transaction(engine) as session:
+        ids = list(session.exec(select(Series.id).where(stable).order_by(col(Series.id))))
+    completed = []
+    for series_id in ids:
+        def once(series_id=series_id) -> bool:
+            with transaction(engine) as session:
+                series = session.exec(select(Series).where(Series.id == series_id, stable)).first()
+                if series is None:  # another receiver got there first, or an object just arrived
+                    return False
+                complete_series(session, series)
+                LOG.info("series %s complete: %d instances, state %s%s", series.series_uid, series.instance_count,
+                         series.state, "" if series.completeness.get("complete", True)
+                         else f", flagged: {'; '.join(series.completeness.get('findings', []))}")
+                return True
+        if retrying(once, f"complete series {series_id}"):
+            completed.append(series_id)
+    with transaction(engine) as session:
+        pending = list(session.exec(select(Series.id).where(Series.state == "complete", Series.qc_state == "pending",
+                                                            col(Series.completed_at).is_not(None))
+                                    .order_by(col(Series.id))))
+    start_qc(engine, pending, on_complete)
+    return completed
+
+
+# --- restart recovery ---------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(settings: Settings, engine: Engine) -> dict:
+    """Clean up after a crash: remove half-written files, index written-but-unindexed ones.
+
+    Returns
+    -------
+    dict
+        ``partial_removed``, ``reindexed``, ``unattributed_removed`` counts.
+    """
+    out = {"partial_removed": 0, "reindexed": 0, "unattributed_removed": 0}
+    spool = settings.spool_dir
+    for root in (spool, settings.quarantine_dir):
+        for tmp in root.rglob(".*.partial"):
+            # ".<name>.<pid>.partial": only a dead writer's file is garbage; a live one is busy.
+            pid = tmp.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+                continue
+            tmp.unlink(missing_ok=True)
+            out["partial_removed"] += 1
+    with transaction(engine) as session:
+        known = set(session.exec(select(Instance.path)))
+    store = Store(settings, engine)
+    for path in sorted(spool.rglob("*.dcm")):
+        rel = str(path.relative_to(settings.data_dir))
+        if path.name.startswith(".") or rel in known:
+            continue
+        # Written, never indexed, so never acknowledged. Its series row tells the site; without
+        # one, the object's first transaction never committed and the sender still holds it.
+        with transaction(engine) as session:
+            series = session.exec(select(Series).where(Series.series_uid == path.parent.name)).first()
+            site_id = series.site_id if series else None
+        if site_id is None:
+            path.unlink()
+            out["unattributed_removed"] += 1
+            continue
+        store.accept(path.read_bytes(), sop_instance_uid=path.stem, site_id=site_id, source=path.name)
+        out["reindexed"] += 1
+    if any(out.values()):
+        LOG.warning("recovery after restart: %s", out)
+    return out
+
+
+__all__ = ["claim_qc", "complete_stable_series", "recover", "start_qc"]
