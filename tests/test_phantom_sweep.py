@@ -238,15 +238,9 @@ def test_conditions_are_what_they_claim():
     assert truth.geometry.interior_length_mm / 2 - truth.geometry.sphere_plane_z_mm > 60.0
 
 
-@pytest.fixture
-def slow_selected(request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the big sweep runs only when selected: pytest -m slow tests/test_phantom_sweep.py")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("voxel_mm", [2.0, 3.0, 4.0])
-def test_sweep_slow(voxel_mm, slow_selected):
+def test_sweep_slow(voxel_mm):
     failures = {}
     for case in combined_cases(step_deg=10.0, voxels=(voxel_mm,)):
         found = problems(case)
