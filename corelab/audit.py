@@ -24,10 +24,10 @@ in the table at its position is a *rewritten* chain; both are reported with the 
 missing anchor file beside a non-empty table is reported too (an older data directory gets its
 anchor with its next audit event).
 
-The anchor file is bound to an engine by :func:`bind_anchor` (``corelab.db.get_engine`` does it
-for every store it opens). An attacker who can rewrite the anchor file as well as the table
-defeats it; the signature records at the sites, and an append-only attribute on the file
-(``chattr +a``) or a copy shipped off the machine, are the answer to that.
+The anchor file is bound to an engine by :func:`bind_anchor`; ``corelab.db.get_engine`` binds
+each engine it creates to its settings' data directory. An attacker who can rewrite the anchor
+file as well as the table defeats it; the signature records at the sites, and an append-only
+attribute on the file (``chattr +a``) or a copy shipped off the machine, are the answer to that.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ import os
 import random
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import func, inspect
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -56,7 +58,7 @@ ANCHOR_FILE = Path("audit") / "anchor.jsonl"
 LOG = logging.getLogger("corelab.audit")
 _PENDING = "corelab_audit_events"   # session.info: events appended in the open transaction
 _TO_WRITE = "corelab_audit_anchor"  # session.info: (path, count, head, id) once the commit is certain
-_anchors: dict[int, tuple[object, Path]] = {}  # id(engine) -> (engine, anchor file)
+_anchors: weakref.WeakKeyDictionary[Engine, Path] = weakref.WeakKeyDictionary()  # engine -> anchor file
 _anchors_lock = threading.Lock()
 
 
@@ -80,11 +82,11 @@ def anchor_path(data_dir: Path) -> Path:
     return Path(data_dir) / ANCHOR_FILE
 
 
-def bind_anchor(engine, data_dir: Path) -> Path:
+def bind_anchor(engine: Engine, data_dir: Path) -> Path:
     """Anchor the audit chain of ``engine``'s store in ``data_dir`` (first binding wins)."""
     path = anchor_path(data_dir).absolute()
     with _anchors_lock:
-        return _anchors.setdefault(id(engine), (engine, path))[1]
+        return _anchors.setdefault(engine, path)
 
 
 def bound_anchor(session: Session) -> Path | None:
@@ -93,9 +95,7 @@ def bound_anchor(session: Session) -> Path | None:
         engine = session.get_bind()
     except Exception:  # an unbound session
         return None
-    engine = getattr(engine, "engine", engine)  # a Connection: its Engine
-    entry = _anchors.get(id(engine))
-    return entry[1] if entry is not None and entry[0] is engine else None
+    return _anchors.get(getattr(engine, "engine", engine))  # a Connection: its Engine
 
 
 def position(session: Session, event: AuditEvent) -> int:

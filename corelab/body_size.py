@@ -23,9 +23,10 @@ result says so (``sex_used="mean_M_F"``).
 
 :func:`to_suvbw`, :func:`patient_weight_kg` and :func:`from_header` read header values
 (PatientWeight (0010,1030) kg, PatientSize (0010,1020) m, PatientSex (0010,0040)): a weight above
-``GRAMS_WEIGHT_ABOVE`` was entered in g and is converted, with a warning; a weight or height that a
-conversion needs and that is missing, zero or implausible raises :class:`BodySizeError` naming the
-attribute, its tag and the fix; a missing sex is not an error (mean of male and female).
+``GRAMS_WEIGHT_ABOVE`` was entered in g and is converted, with a warning, and a weight outside
+``PLAUSIBLE_WEIGHT_KG`` gives a warning; a weight or height that a conversion needs and that is
+missing or not positive, or a height outside ``PLAUSIBLE_HEIGHT_M``, raises :class:`BodySizeError`
+naming the attribute, its tag and the fix; a missing sex is not an error (mean of male and female).
 
 References
 ----------
@@ -108,6 +109,15 @@ def _check_sex(sex: str) -> str:
     return sex
 
 
+def _lbm_kg(weight_kg: float, height_cm: float, sex: str, *, male_coefficient: float) -> float:
+    """Male ``1.10 W - c (W/H)**2``, female ``1.07 W - 148 (W/H)**2``: LBM and LBMJAMES128 differ
+    only in the male ``c`` (120 and 128)."""
+    ratio_sq = (weight_kg / height_cm) ** 2
+    if _check_sex(sex) == "M":
+        return 1.10 * weight_kg - male_coefficient * ratio_sq
+    return 1.07 * weight_kg - 148.0 * ratio_sq
+
+
 def lbm_morgan_kg(weight_kg: float, height_cm: float, sex: str) -> float:
     """Lean body mass, SUV Type ``LBM`` (Morgan) [5]_.
 
@@ -130,9 +140,7 @@ def lbm_morgan_kg(weight_kg: float, height_cm: float, sex: str) -> float:
     >>> round(lbm_morgan_kg(80.0, 180.0, "M"), 4)
     64.2963
     """
-    if _check_sex(sex) == "M":
-        return 1.10 * weight_kg - 120.0 * (weight_kg / height_cm) ** 2
-    return 1.07 * weight_kg - 148.0 * (weight_kg / height_cm) ** 2
+    return _lbm_kg(weight_kg, height_cm, sex, male_coefficient=120.0)
 
 
 def lbm_james128_kg(weight_kg: float, height_cm: float, sex: str) -> float:
@@ -146,9 +154,7 @@ def lbm_james128_kg(weight_kg: float, height_cm: float, sex: str) -> float:
     >>> round(lbm_james128_kg(80.0, 180.0, "M"), 4)
     62.716
     """
-    if _check_sex(sex) == "M":
-        return 1.10 * weight_kg - 128.0 * (weight_kg / height_cm) ** 2
-    return 1.07 * weight_kg - 148.0 * (weight_kg / height_cm) ** 2
+    return _lbm_kg(weight_kg, height_cm, sex, male_coefficient=128.0)
 
 
 def lbm_janma_kg(weight_kg: float, height_cm: float, sex: str) -> float:

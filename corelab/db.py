@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
+from corelab import audit
 from corelab.settings import Settings, load_settings
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -49,15 +50,17 @@ def make_engine(database_url: str) -> Engine:
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
-    """The process-wide engine for the settings' database (one per URL)."""
-    from corelab import audit
+    """The process-wide engine for the settings' database (one per URL).
 
+    A new engine's audit chain is anchored in the settings' data directory
+    (:func:`corelab.audit.bind_anchor`): every store corelab opens comes through here.
+    """
     settings = settings or load_settings()
     with _lock:
         engine = _engines.get(settings.database_url)
         if engine is None:
             engine = _engines[settings.database_url] = make_engine(settings.database_url)
-    audit.bind_anchor(engine, settings.data_dir)  # the audit chain's head is kept in the data dir too
+            audit.bind_anchor(engine, settings.data_dir)  # the chain's head is kept in the data dir too
     return engine
 
 

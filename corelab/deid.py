@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 # PS3.15 Table E.1-1 attributes that the basic profile removes (X), empties (Z) or may replace by
@@ -94,6 +95,7 @@ IDENTITY_SOURCES: tuple[str, ...] = ("PatientName", "PatientID", "OtherPatientNa
                                      "PatientBirthName", "PatientMotherBirthName", "ResponsiblePerson")
 _PN_SHAPE = re.compile(r"[^\W\d_]{2,}\^[^\W\d_]{2,}")  # "Surname^Given": a value copied from a PN element
 _SPLIT = re.compile(r"[\^=\s,;/\\]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,13 @@ def is_phantom(ds: Dataset) -> bool:
 
 
 def _values(ds: Dataset, keyword: str) -> list[str]:
+    """The element's values as text, control characters dropped, empty values left out."""
     value = ds.get(keyword)
     if value is None:
         return []
-    items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
-    return [re.sub(r"[\x00-\x1f\x7f]", "", str(v)).strip() for v in items if str(v).strip()]
+    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    cleaned = (_CONTROL.sub("", str(v)).strip() for v in items)
+    return [v for v in cleaned if v]
 
 
 def _identity_tokens(ds: Dataset, pattern: re.Pattern | None) -> set[str]:

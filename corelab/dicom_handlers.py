@@ -41,15 +41,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import re
 import socket
 
 from pydicom.dataset import Dataset
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from corelab.association import AssociationGuard
 from corelab.receiver_store import SiteDirectory, Store
-from corelab.register import AE_TITLE_PATTERN
+from corelab.register import is_valid_ae_title
 from corelab.validate import is_valid_uid
 
 # The node's one logger, whichever of its modules logs (operators and tests filter on this name).
@@ -64,7 +64,6 @@ REJECT_UNKNOWN_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-us
 REJECT_UNKNOWN_CALLED_AE = (0x01, 0x01, 0x07)   # rejected-permanent, service-user, called AE not recognised
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)         # rejected-transient, service-provider (presentation), local limit
 REJECT_TRANSIENT = (0x02, 0x03, 0x01)           # rejected-transient, service-provider, temporary congestion
-_AE_TITLE = re.compile(AE_TITLE_PATTERN)
 
 
 def handle_open(event, guard: AssociationGuard | None = None) -> None:
@@ -87,8 +86,12 @@ def handle_closed(event, guard: AssociationGuard) -> None:
 
 
 def _calling_ae(event) -> str:
-    value = event.assoc.requestor.primitive.calling_ae_title
-    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).strip()
+    return _as_text(event.assoc.requestor.primitive.calling_ae_title, "utf-8").strip()
+
+
+def _as_text(raw: bytes | str | None, encoding: str = "ascii") -> str:
+    """An AE title field as text, for comparing and logging (undecodable bytes replaced)."""
+    return raw.decode(encoding, "replace") if isinstance(raw, bytes) else str(raw)
 
 
 def _reject(assoc, result_source_diagnostic: tuple[int, int, int]) -> None:
@@ -117,41 +120,36 @@ def ae_title_problem(raw: bytes | str | None) -> str | None:
         return "blank"
     if value[0] == " ":
         return "leading spaces"
-    if not _AE_TITLE.fullmatch(value):
+    if not is_valid_ae_title(value):
         return "characters outside the DICOM default repertoire (backslash or control)"
     return None
 
 
-def handle_requested(event, sites: SiteDirectory, guard: AssociationGuard | None = None,
-                     ae_title: str | None = None) -> None:
-    """Decide on an A-ASSOCIATE-RQ: called AE title, calling AE title (form and register),
-    then a free slot (overall and for the peer's host). Every rejection is logged."""
+def handle_requested(event, sites: SiteDirectory, guard: AssociationGuard, ae_title: str) -> None:
+    """Decide on an A-ASSOCIATE-RQ: called AE title (``ae_title``: ours), calling AE title (form
+    and register), then a free slot (overall and for the peer's host). Every rejection is logged."""
     assoc = event.assoc
     address = assoc.requestor.address
-    conn = guard.begin(assoc) if guard is not None else None
-    if guard is not None and conn is None:
+    conn = guard.begin(assoc)
+    if conn is None:
         LOG.info("association from %s: its connection was already closed (handshake time-out or evicted)",
                  address)
         _reject(assoc, REJECT_LOCAL_LIMIT)
         return
     primitive = assoc.requestor.primitive
-    called_raw = conn.called_raw if conn is not None and conn.called_raw is not None else primitive.called_ae_title
-    calling_raw = conn.calling_raw if conn is not None and conn.calling_raw is not None \
-        else primitive.calling_ae_title
+    called_raw = conn.called_raw if conn.called_raw is not None else primitive.called_ae_title
+    calling_raw = conn.calling_raw if conn.calling_raw is not None else primitive.calling_ae_title
     ae_title_sent = _calling_ae(event)
-    if ae_title is not None:
-        problem = ae_title_problem(called_raw)
-        called = called_raw.decode("ascii", "replace") if isinstance(called_raw, bytes) else str(called_raw)
-        if problem or called.rstrip(" ") != ae_title:
-            LOG.warning("association rejected: called AE %r from %s (calling AE %r) is not this node's AE "
-                        "title %r", called.rstrip(" "), address, ae_title_sent, ae_title)
-            _reject(assoc, REJECT_UNKNOWN_CALLED_AE)
-            return
+    called = _as_text(called_raw).rstrip(" ")
+    if ae_title_problem(called_raw) or called != ae_title:
+        LOG.warning("association rejected: called AE %r from %s (calling AE %r) is not this node's AE "
+                    "title %r", called, address, ae_title_sent, ae_title)
+        _reject(assoc, REJECT_UNKNOWN_CALLED_AE)
+        return
     problem = ae_title_problem(calling_raw)
     if problem:
-        shown = calling_raw.decode("ascii", "replace") if isinstance(calling_raw, bytes) else str(calling_raw)
-        LOG.warning("association rejected: calling AE %r from %s is malformed (%s)", shown.rstrip(" "), address,
-                    problem)
+        LOG.warning("association rejected: calling AE %r from %s is malformed (%s)", _as_text(calling_raw).rstrip(" "),
+                    address, problem)
         _reject(assoc, REJECT_UNKNOWN_CALLING_AE)
         return
     try:
@@ -167,13 +165,12 @@ def handle_requested(event, sites: SiteDirectory, guard: AssociationGuard | None
                     ae_title_sent)
         _reject(assoc, REJECT_UNKNOWN_CALLING_AE)
         return
-    if conn is not None:
-        full = guard.acquire(conn)
-        if full:
-            LOG.warning("association rejected (local limit exceeded): site %s, calling AE %r from %s: %s",
-                        site[1], ae_title_sent, address, full)
-            _reject(assoc, REJECT_LOCAL_LIMIT)
-            return
+    full = guard.acquire(conn)
+    if full:
+        LOG.warning("association rejected (local limit exceeded): site %s, calling AE %r from %s: %s",
+                    site[1], ae_title_sent, address, full)
+        _reject(assoc, REJECT_LOCAL_LIMIT)
+        return
     LOG.info("association accepted: site %s, calling AE %r from %s", site[1], ae_title_sent, address)
 
 
@@ -187,13 +184,10 @@ def is_resource_failure(exc: BaseException) -> bool:
     memory or file handles, the database unreachable, locked or timing out. Only these are
     answered "Out of resources" (the sender retries); anything else about one object is that
     object's problem."""
-    from sqlalchemy.exc import DataError  # noqa: PLC0415
     if isinstance(exc, DataError):  # a value the database refuses (too long, malformed): the object's
         return False
-    if isinstance(exc, (MemoryError, DBAPIError)):  # locked, unreachable, I/O error, lost contention
-        return True
-    from sqlalchemy.exc import TimeoutError as PoolTimeout  # noqa: PLC0415  (pool exhausted)
-    if isinstance(exc, PoolTimeout):
+    # DBAPIError: locked, unreachable, I/O error, lost contention; PoolTimeout: the pool is exhausted
+    if isinstance(exc, (MemoryError, DBAPIError, PoolTimeout)):
         return True
     return isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS
 

@@ -307,7 +307,8 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
 
     Raises only for resource failures (``OSError`` writing the data directory, SQLAlchemy errors).
     """
-    label = object_label(ordinal, sha256_bytes(data))
+    digest = sha256_bytes(data)
+    label = object_label(ordinal, digest)
     try:
         if site is None:
             raise Rejected("unknown_site", f"{label}: sent by a site that is not registered; register it with "
@@ -318,7 +319,6 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
                            keep=keep_rejected)
     series = _series_for(session, facts, site, trial, phantom)
     series.last_received_at = utcnow()  # stability clock of the receiver
-    digest = sha256_bytes(data)
     existing = session.exec(select(Instance).where(Instance.sop_instance_uid == facts.sop_instance_uid)
                             .order_by(col(Instance.version).desc())).all()
     if any(inst.sha256 == digest for inst in existing):

@@ -82,6 +82,11 @@ def _unreadable(ordinal: int, what: str, exc: BaseException, held: bytes = b"") 
                                   "send the file again as a plain DICOM file or an intact zip archive", held=held)
 
 
+def _not_regular(ordinal: int) -> Rejected:
+    return Rejected("unreadable", f"{_label(ordinal, b'')}: unreadable at step 'open': not a regular file "
+                                  "(a device, socket or pipe); put the file itself in the drop", held=b"")
+
+
 def _read_bounded(fh, limit: int) -> bytes:
     chunks, total = [], 0
     while total <= limit:
@@ -160,9 +165,7 @@ def iter_drop(path: Path, limits: Limits | None = None) -> Iterator[DropObject]:
                            "Put the file itself in the drop", held=b""))
             continue
         if kind == "special":
-            yield DropObject(ordinal, rejected=Rejected(
-                "unreadable", f"{_label(ordinal, b'')}: unreadable at step 'open': not a regular file "
-                              "(a device, socket or pipe); put the file itself in the drop", held=b""))
+            yield DropObject(ordinal, rejected=_not_regular(ordinal))
             continue
         fill = next((fills[d] for d in (file.parent, *file.parents) if d in fills), None)
         try:
@@ -170,10 +173,8 @@ def iter_drop(path: Path, limits: Limits | None = None) -> Iterator[DropObject]:
         except OSError as exc:  # a link swapped in since the walk (ELOOP), no permission, vanished
             yield DropObject(ordinal, rejected=_unreadable(ordinal, "open", exc))
             continue
-        if fh is None:
-            yield DropObject(ordinal, rejected=Rejected(
-                "unreadable", f"{_label(ordinal, b'')}: unreadable at step 'open': not a regular file; put the "
-                              "file itself in the drop", held=b""))
+        if fh is None:  # swapped for a device, socket or pipe since the walk
+            yield DropObject(ordinal, rejected=_not_regular(ordinal))
             continue
         with fh:
             try:

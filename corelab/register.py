@@ -10,7 +10,7 @@ Codes and AE titles are validated here, at registration, because they end up in 
   repertoire (ISO 646, ``0x20``-``0x7E``) without backslash or control characters, and neither
   starting nor ending with a space (PS3.5 calls leading and trailing spaces non-significant; we
   store the title without them and the receiver refuses a calling AE title sent with leading
-  spaces, see :mod:`corelab.receiver`). Inner spaces are allowed (``SITE A``).
+  spaces, see :func:`corelab.dicom_handlers.ae_title_problem`). Inner spaces are allowed (``SITE A``).
 
 A refused value raises :class:`RegisterError` naming the entry, the rule and the fix.
 """

@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from corelab.body_size import (GRAMS_WEIGHT_ABOVE, PLAUSIBLE_HEIGHT_M, PLAUSIBLE_WEIGHT_KG,  # noqa: F401
+from corelab.body_size import (GRAMS_WEIGHT_ABOVE, PLAUSIBLE_WEIGHT_KG,  # noqa: F401
                                 BodySizeError, Normalisation, normalisation, patient_weight_kg,
                                 to_suvbw)
 

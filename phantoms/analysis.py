@@ -417,14 +417,17 @@ def analyze_nema_iec(
 
     Notes
     -----
-    Localisation: voxels above ``B + 0.5 * (S - B)`` (after a 2 mm Gaussian smoothing) form
-    connected components; every trio of them is tried as the 37, 28 and 22 mm spheres, the
-    rigid sphere-ring geometry fitted to it predicts the other spheres, and the assignment that
-    explains most components on the ring wins (then the smallest RMS). The fit is rigid in 3-D:
-    any shift, roll about the phantom axis, tilt, and the phantom turned end over end (either
-    patient orientation) fit alike. The ring centre is the lung-insert axis, so the insert and
-    the background ROIs follow from the same fit. Spheres not found are placed from the fit, not
-    searched for, as NEMA fixes ROIs rather than moving them to the hottest spot.
+    Localisation (:mod:`phantoms.localise`): voxels above ``B + 0.5 * (S - B)`` (after a 2 mm
+    Gaussian smoothing) form connected components; the unlabelled hexagon of the sphere ring is
+    fitted to them, and each ring position is named by the activity volume it holds (not by its
+    uptake, which PSF reconstructions distort). The named ring template is then fitted rigidly
+    in 3-D: any shift, roll, tilt, a mirrored image and the phantom turned end over end fit
+    alike. :func:`~phantoms.localise.check_identity` checks the names against the image
+    (:attr:`NemaIecResult.identity_check`; with automatic localisation a failed check makes the
+    result :attr:`~NemaIecResult.localisation_uncertain`). The ring centre is the lung-insert
+    axis, so the insert and the background ROIs follow from the same fit. Spheres not found are
+    placed from the fit, not searched for, as NEMA fixes ROIs rather than moving them to the
+    hottest spot.
 
     * ``rc_max``: highest voxel within ``radius + search_margin_mm`` / true sphere conc.
     * ``rc_mean``: mean of the voxels ``>= B + 0.5 * (max - B)`` (``B`` the *known*

@@ -93,8 +93,8 @@ def infer_kind(doc: dict) -> tuple[str, str] | None:
 
 def parse_fill_sheet(doc: dict, *, source: str = "fill sheet") -> FillSheet:
     kind, kind_source = doc.get("kind"), "given"
-    if kind in (None, "") and infer_kind(doc) is not None:
-        kind, kind_source = infer_kind(doc)
+    if kind in (None, ""):
+        kind, kind_source = infer_kind(doc) or (kind, kind_source)
     if kind not in ("nema_iec", "uniform_cylinder"):
         hint = ("" if kind not in (None, "") else
                 "; without it the concentrations must say: sphere_kbq_ml and background_kbq_ml (NEMA IEC) "

@@ -19,8 +19,9 @@ Steps (:func:`localise_spheres`):
    ratio of measured to expected volume (nominal, less the background the cold glass wall
    displaces); the best names the spheres;
 5. :func:`check_identity` compares the result with the image: each sphere's measured volume is
-   nearer its own expected volume than any other (beyond 3 noise SDs measured in the image); sizes grow round the ring; the ring fits; the
-   naming wins by a clear margin. Any failure makes the localisation uncertain.
+   nearer its own expected volume than any other (beyond :data:`SIGNIFICANCE` noise SDs
+   measured in the image); sizes grow round the ring; the ring fits; the naming wins by a clear
+   margin. Any failure makes the localisation uncertain.
 """
 
 from __future__ import annotations
@@ -395,7 +396,10 @@ def localise_spheres(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhan
 
 def fit_ring(found: Mapping[float, np.ndarray], geometry: NemaIecBodyPhantom, *, max_rms_mm: float, given: bool
              ) -> RingPose:
-    """Rigid fit of the named ring template to named sphere centres (at least three)."""
+    """Rigid fit of the named ring template to named sphere centres (at least three).
+
+    ``given``: the centres were given by hand (the errors then do not suggest giving them).
+    """
     ring_c = np.asarray(geometry.ring_centre_mm)
     template_all = geometry.sphere_centres_mm()
     unknown = [d for d in sorted(found) if not any(abs(d - g) < 0.5 for g in geometry.sphere_diameters_mm)]
@@ -404,12 +408,9 @@ def fit_ring(found: Mapping[float, np.ndarray], geometry: NemaIecBodyPhantom, *,
             f"sphere diameter(s) {unknown} mm are not IEC sphere diameters {list(geometry.sphere_diameters_mm)}")
     found = {min(geometry.sphere_diameters_mm, key=lambda g: abs(g - d)): v for d, v in found.items()}
     ds = sorted(found)
-    if len(ds) < 3:
-        if given:
-            raise PhantomLocalisationError(f"centres_mm gives {len(ds)} sphere(s); need at least 3")
-        raise PhantomLocalisationError(
-            f"found {len(ds)} hot sphere(s) ({', '.join(f'{d:g} mm' for d in ds) or 'none'}); "
-            "need at least 3 to fit the sphere ring. " + HOW_TO_GIVE_CENTRES)
+    if len(ds) < 3:  # only given centres can be this few: localise_spheres refuses fewer than 3 itself
+        raise PhantomLocalisationError(f"{'centres_mm gives' if given else 'found'} {len(ds)} sphere(s); "
+                                       "need at least 3")
     template = np.array([np.asarray(template_all[d]) - ring_c for d in ds])
     pts = np.array([np.asarray(found[d], dtype=float) for d in ds])
     r, t, rms = kabsch(template, pts)
@@ -482,7 +483,7 @@ def check_identity(volume: np.ndarray, frame: Frame, geometry: NemaIecBodyPhanto
                                          core_mm=0.5 * d, exclude_axis=lung)[0]
         # PET noise variance grows with activity: the hot sphere adds its share to the ball's
         # variance beyond what the background balls show
-        inflate = math.sqrt(1.0 + (contrast - 1.0) * sphere_volume_ml(d) / (4.0 / 3.0 * math.pi * radius**3 / 1000.0))
+        inflate = math.sqrt(1.0 + (contrast - 1.0) * sphere_volume_ml(d) / sphere_volume_ml(2.0 * radius))
         noise[d] = inflate * _noise_ml(volume, frame, geometry, pose, radius_mm=radius, contrast=contrast)
     nominal = {d: expected_activity_volume_ml(d, wall_mm=geometry.sphere_wall_mm, contrast=contrast) for d in ds}
 

@@ -12,10 +12,9 @@ Nothing is computed here beyond choosing, naming and formatting.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import re
 from collections.abc import Mapping, Sequence
-from functools import partial
+from functools import cache, partial
 
 import matplotlib.pyplot as plt
 from sqlmodel import Session, col, select
@@ -27,6 +26,7 @@ from corelab.dicomio import Volume, load_volume, newest_instances
 from corelab.ingest import series_dir
 from corelab.models import Accreditation, PhantomResult, Scanner, Series, Site
 from corelab.settings import Settings
+from phantoms.geometry import sphere_volume_ml
 from reports.render import ReportError, ReportSpec
 from reports.report_figures import (METRIC_LABELS, WITHHELD_COLOUR, axial_profile, phantom_planes, recovery_curve,
                                     sphere_assignment)
@@ -91,10 +91,18 @@ def _fill(result: PhantomResult) -> dict:
 
 
 def _withheld(result: PhantomResult) -> dict | None:
-    w = (result.metrics or {}).get("withheld") if result.verdict == WITHHELD else None
-    if result.verdict == WITHHELD and not w:
-        w = {"reason": "localisation uncertain", "details": []}
-    return {"reason": w.get("reason", "localisation uncertain"), "details": list(w.get("details") or [])} if w else None
+    """``{reason, details}`` of a withheld result (from its stored metrics); None for any other."""
+    if result.verdict != WITHHELD:
+        return None
+    w = (result.metrics or {}).get("withheld") or {}
+    return {"reason": w.get("reason", "localisation uncertain"), "details": list(w.get("details") or [])}
+
+
+def _withheld_note(kind: str, scan_date: str | None, result_id: int, withheld: dict) -> str:
+    """One line on a withheld result: which scan, why, with the numbers."""
+    details = f" ({'; '.join(withheld['details'])})" if withheld["details"] else ""
+    return (f"{'NEMA IEC' if kind == 'nema_iec' else 'uniform cylinder'} scan of {scan_date} (result {result_id}): "
+            f"withheld: {withheld['reason']}{details}")
 
 
 def _common(result: PhantomResult, series: Series) -> dict:
@@ -169,20 +177,13 @@ def _evidence(session: Session, scanner: Scanner, acc: Accreditation) -> dict[st
 
 
 def _withheld_elsewhere(session: Session, scanner: Scanner,
-                        shown: dict[str, tuple[PhantomResult, Series]]) -> list[dict]:
-    """Withheld results of the scanner newer than the result shown for their kind (not counted)."""
-    rows = session.exec(select(PhantomResult, Series).join(Series, PhantomResult.series_id == Series.id)
-                        .where(PhantomResult.scanner_id == scanner.id, PhantomResult.verdict == WITHHELD)
+                        shown: dict[str, tuple[PhantomResult, Series]]) -> list[str]:
+    """Notes on the scanner's withheld results newer than the result shown for their kind (not counted)."""
+    rows = session.exec(select(PhantomResult).where(PhantomResult.scanner_id == scanner.id,
+                                                    PhantomResult.verdict == WITHHELD)
                         .order_by(col(PhantomResult.id))).all()
-    out = []
-    for r, s in rows:
-        current = shown.get(r.kind)
-        if current is not None and (current[0].id == r.id or current[0].id > r.id):
-            continue
-        w = _withheld(r)
-        out.append({"kind": r.kind, "result_id": r.id, "scan_date": _iso(r.scan_date), "series_uid": s.series_uid,
-                    "reason": w["reason"], "details": w["details"]})
-    return out
+    return [_withheld_note(r.kind, _iso(r.scan_date), r.id, _withheld(r)) + "; not counted" for r in rows
+            if r.kind not in shown or shown[r.kind][0].id < r.id]
 
 
 # --- figures: drawn from the saved data (and the images, for the planes) -----------------------
@@ -204,7 +205,7 @@ def _assignment_spheres(metrics: Mapping, checks: Sequence[Mapping]) -> list[dic
         verdicts = [c["passed"] for c in checks if c.get("diameter_mm") == s["diameter_mm"] and c.get("verified")]
         out.append({"diameter_mm": d, "centre_mm": s.get("centre_mm"),
                     "measured_volume_ml": measured.get(key, s.get("voi_volume_ml")),
-                    "nominal_volume_ml": nominal.get(key, math.pi / 6.0 * d ** 3 / 1000.0),
+                    "nominal_volume_ml": nominal.get(key, sphere_volume_ml(d)),
                     "passed": all(verdicts) if verdicts else None})
     return out
 
@@ -316,17 +317,11 @@ def accreditation_report(session: Session, scanner_code: str, *, settings: Setti
     evidence = _evidence(session, scanner, acc)
     nema = _nema(*evidence["nema_iec"]) if "nema_iec" in evidence else None
     cyl = _cylinder(*evidence["uniform_cylinder"]) if "uniform_cylinder" in evidence else None
-    withheld_elsewhere = _withheld_elsewhere(session, scanner, evidence)
     headline, css = _STATUS.get(status, (status.upper(), "warn"))
     failures = (nema["failures"] if nema else []) + (cyl["failures"] if cyl else [])
-    withheld_notes = [f"{'NEMA IEC' if w['kind'] == 'nema_iec' else 'uniform cylinder'} scan of {w['scan_date']} "
-                      f"(result {w['result_id']}): withheld: {w['reason']}"
-                      + (f" ({'; '.join(w['details'])})" if w["details"] else "") + "; not counted"
-                      for w in withheld_elsewhere]
-    if nema and nema["withheld"]:
-        withheld_notes.insert(0, f"NEMA IEC scan of {nema['scan_date']} (result {nema['result_id']}): withheld: "
-                                 f"{nema['withheld']['reason']}" + (f" ({'; '.join(nema['withheld']['details'])})"
-                                                                    if nema["withheld"]["details"] else ""))
+    nema_withheld = nema["withheld"] if nema else None
+    withheld_notes = ([_withheld_note("nema_iec", nema["scan_date"], nema["result_id"], nema_withheld)]
+                      if nema_withheld else []) + _withheld_elsewhere(session, scanner, evidence)
     if status == "accredited":
         summary = (f"Meets {acc.standard} ({std_version}) for {acc.scope_kind} {acc.scope}; valid "
                    f"{_iso(acc.valid_from)} to {_iso(acc.valid_until)}.")
@@ -337,14 +332,13 @@ def accreditation_report(session: Session, scanner_code: str, *, settings: Setti
     elif status == "suspended":
         summary = f"Suspended: {scanner.requalification_reason}."
     else:
-        missing = [k for k, v in (("a NEMA IEC result", nema and not nema["withheld"]),
+        missing = [k for k, v in (("a NEMA IEC result", nema and not nema_withheld),
                                   ("a uniform-cylinder result", cyl)) if not v]
-        summary = "Waiting for " + " and ".join(missing) + "."
-        if nema and nema["withheld"]:
-            summary = ("Waiting for " + " and ".join(missing) + ": the verdict on the NEMA IEC scan of "
-                       f"{nema['scan_date']} is withheld ({nema['withheld']['reason']}).")
+        summary = "Waiting for " + " and ".join(missing) + (
+            f": the verdict on the NEMA IEC scan of {nema['scan_date']} is withheld ({nema_withheld['reason']})."
+            if nema_withheld else ".")
     action = _ACTION.get(status, "")
-    if status == "pending" and nema and nema["withheld"]:
+    if status == "pending" and nema_withheld:
         action = _ACTION_WITHHELD + ("" if cyl else " " + _ACTION["pending"])
     data = {
         "site": {"code": site.code, "name": site.name},
@@ -361,14 +355,10 @@ def accreditation_report(session: Session, scanner_code: str, *, settings: Setti
         "meta": {"judged_on": today.isoformat(),
                  "days_left": (acc.valid_until - today).days if acc.valid_until else None},
     }
-    volumes: dict[int, Volume] = {}
+    read_volume = cache(partial(series_volume, settings, session))  # each read once, when a figure first needs it
 
-    def volume_of(series_id: int):  # each phantom volume is read once, when a figure first needs it
-        def load():
-            if series_id not in volumes:
-                volumes[series_id] = series_volume(settings, session, series_id)
-            return volumes[series_id]
-        return load
+    def volume_of(series_id: int):
+        return partial(read_volume, series_id)
 
     figures = {}
     if nema:

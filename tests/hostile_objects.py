@@ -1,9 +1,9 @@
 """Hostile objects, as bytes, for any test that needs one (imported, not a conftest).
 
-Every builder starts from one valid, de-identified PET slice (the same as
-``tests.receiver_helpers.small_series`` writes: PatientName/ID ``BENCH-001``, explicit VR little
-endian) and damages exactly one thing, so a test knows which reason code to expect:
-:data:`CASES` maps a case name to ``(reason code, builder)``.
+Every builder starts from one valid, de-identified PET slice (``bench.receive.pet_slice``, the
+slice ``tests.receiver_helpers.small_series`` writes: PatientName/ID ``BENCH-001``, explicit VR
+little endian; here with descriptions and a scanner) and damages exactly one thing, so a test
+knows which reason code to expect: :data:`CASES` maps a case name to ``(reason code, builder)``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
+
+from bench.receive import pet_slice
 
 PET = "1.2.840.10008.5.1.4.1.1.128"
 DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -31,34 +32,11 @@ NAME = "Qzvorak"  # a made-up surname: unique, so any leak is found by grep
 
 def dataset(*, matrix: int = 8, study: str | None = None, series: str | None = None, **attrs) -> Dataset:
     """A valid de-identified PET slice as a Dataset; ``attrs`` set (or, with None, delete) keywords."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = PET
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = PET, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study or generate_uid(), series or generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality, ds.PatientName, ds.PatientID = "PT", "BENCH-001", "BENCH-001"
-    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "PS3.15 E basic profile"
-    ds.PatientSex, ds.PatientWeight = "F", 70
-    ds.StudyDate = ds.SeriesDate = "20260101"
-    ds.SeriesTime = "100000"
+    pixels = np.random.default_rng(matrix).integers(0, 30000, (matrix, matrix), dtype=np.uint16).tobytes()
+    ds = pet_slice(study=study or generate_uid(), series=series or generate_uid(), frame=generate_uid(),
+                   pixels=pixels, matrix=matrix)
     ds.SeriesDescription, ds.StudyDescription = "WB FDG", "PET/CT"
     ds.Manufacturer, ds.ManufacturerModelName, ds.DeviceSerialNumber = "ACME", "PET 1", "SN-1"
-    ds.InstanceNumber, ds.NumberOfSlices = 1, 1
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [-300.0, -300.0, 0.0], [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing, ds.SliceThickness = [4.0, 4.0], 2.0
-    ds.Units, ds.DecayCorrection, ds.CorrectedImage = "BQML", "START", ["ATTN", "DECY"]
-    item = Dataset()
-    item.RadiopharmaceuticalStartDateTime = "20260101090000"
-    item.RadionuclideTotalDose, item.RadionuclideHalfLife = 250e6, 6586.2
-    ds.RadiopharmaceuticalInformationSequence = Sequence([item])
-    ds.Rows = ds.Columns = matrix
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 0.5, 0
-    ds.PixelData = np.random.default_rng(matrix).integers(0, 30000, (matrix, matrix), dtype=np.uint16).tobytes()
     for keyword, value in attrs.items():
         if value is None:
             delattr(ds, keyword)

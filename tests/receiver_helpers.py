@@ -1,4 +1,4 @@
-"""Helpers for the receiver tests: dcmtk senders, small synthetic PET series, store queries."""
+"""Helpers for the receiver tests: dcmtk senders, a TLS node, small synthetic PET series, store queries."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from bench.receive import free_port, wait_port, write_pet_series  # noqa: F401  (re-exported to the tests)
+from corelab.db import session_scope
 from corelab.models import AuditEvent, Instance, Series
+from corelab.receiver import Receiver, ReceiverConfig
+from corelab.register import add_site
+from corelab.settings import Settings
 
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
@@ -36,6 +40,22 @@ def storescu(port: int, paths, *, aet: str, aec: str = "CORELAB", extra: tuple[s
 def echoscu(port: int, *, aet: str, aec: str = "CORELAB") -> subprocess.CompletedProcess:
     return subprocess.run([ECHOSCU, "-aet", aet, "-aec", aec, "127.0.0.1", str(port)], capture_output=True,
                           text=True, env=DCMTK_ENV, timeout=60)
+
+
+def start_tls_node(settings: Settings, tmp_path: Path) -> tuple[Receiver, Path]:
+    """A started receiver speaking DICOM TLS only, with site S1 (AE title SITE1) registered.
+
+    Its self-signed key and certificate are made in ``tmp_path``; returns the receiver (the
+    caller stops it) and the certificate (for the sender's ``+cf``).
+    """
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    with session_scope(settings) as session:
+        add_site(session, code="S1", ae_title="SITE1")
+    receiver = Receiver(settings, ReceiverConfig(port=0, bind_address="127.0.0.1", stable_s=3600, tls_cert=cert,
+                                                 tls_key=key)).start()
+    return receiver, cert
 
 
 def instance_count(session: Session) -> int:

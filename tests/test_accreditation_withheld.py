@@ -44,11 +44,10 @@ REASON = "sphere named 10 mm holds 6.30 mL of activity, nominal 0.52 mL (measure
 # ---------------------------------------------------------------------------------------------
 # fixtures: one scanner's NEMA IEC and cylinder phantom scans, as a site drops them
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def drop(tmp_path_factory):
+def _write_drop(out: Path) -> tuple[Path, dict, dict]:
+    """Scanner A01-1's NEMA IEC and cylinder phantom scans written to ``out``: ``(out, nema, cyl)``."""
     from phantoms.trial import _write_phantom
 
-    out = tmp_path_factory.mktemp("drop")
     spec = small_spec()
     scanner = next(s for s in spec.scanners if s.id == "A01-1")
     scanner.nema_fwhm_mm = 7.5  # inside every EARL1 band at 5 mm voxels (as in test_reports)
@@ -58,20 +57,19 @@ def drop(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def drop(tmp_path_factory):
+    return _write_drop(tmp_path_factory.mktemp("drop"))
+
+
+@pytest.fixture(scope="module")
 def swapped(tmp_path_factory):
     """The same scanner's phantoms, but the NEMA IEC phantom's 22 and 28 mm spheres sit in each
     other's places: no naming of the IEC ring explains the sizes, so its localisation is uncertain."""
     from corelab.dicomio import load_volume as read
     from phantoms.digital import Grid, blur_fwhm, nema_iec_phantom
     from phantoms.geometry import NEMA_IEC_BODY
-    from phantoms.trial import _write_phantom
 
-    out = tmp_path_factory.mktemp("swapped")
-    spec = small_spec()
-    scanner = next(s for s in spec.scanners if s.id == "A01-1")
-    scanner.nema_fwhm_mm = 7.5
-    nema = _write_phantom(out, spec, scanner, "nema_iec", 0, DAY)
-    cyl = _write_phantom(out, spec, scanner, "uniform_cylinder", 0, DAY)
+    out, nema, cyl = _write_drop(tmp_path_factory.mktemp("swapped"))
     volume = read(sorted((out / nema["path"]).glob("*.dcm")))
     grid = Grid(shape=volume.array.shape, voxel_mm=volume.voxel_mm, origin_mm=volume.origin_mm)
     geometry = dataclasses.replace(NEMA_IEC_BODY, sphere_angles_deg=(0.0, 60.0, 120.0, 240.0, 180.0, 300.0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -22,7 +21,7 @@ from corelab.models import Instance
 from corelab.receiver import Receiver, ReceiverConfig
 from corelab.receiver_config import HANDSHAKE_TIMEOUT_S
 from corelab.register import add_site
-from tests.receiver_helpers import echoscu, small_series, storescu, wait_for
+from tests.receiver_helpers import echoscu, small_series, start_tls_node, storescu, wait_for
 
 pytestmark = pytest.mark.dcmtk
 
@@ -288,13 +287,7 @@ def test_wrong_called_ae_title_with_dcmtk(node):
 def test_silent_connections_cannot_stall_a_tls_node(settings, tmp_path):
     """pynetdicom does the TLS handshake in its accept loop, where one silent client stops every
     other connection; ours does it in the connection's thread, within the handshake time-out."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    with session_scope(settings) as session:
-        add_site(session, code="S1", ae_title="SITE1")
-    receiver = Receiver(settings, ReceiverConfig(port=0, bind_address="127.0.0.1", stable_s=3600, tls_cert=cert,
-                                                 tls_key=key)).start()
+    receiver, cert = start_tls_node(settings, tmp_path)
     silent = []
     try:
         silent = [connect(receiver.port, f"127.0.0.{2 + i % 3}") for i in range(6)]

@@ -23,7 +23,7 @@ from corelab.receiver import Receiver, ReceiverConfig
 from corelab.register import add_site
 from corelab.series_completion import claim_qc, complete_stable_series, recover
 from tests.receiver_helpers import (DCMTK_ENV, STORESCU, assert_store_exact, echoscu, instance_count, qc_claims,
-                                    series_by_uid, small_series, storescu, wait_for)
+                                    series_by_uid, small_series, start_tls_node, storescu, wait_for)
 
 pytestmark = pytest.mark.dcmtk
 
@@ -277,13 +277,7 @@ def test_cli_watch_once_and_help(settings, tmp_path, monkeypatch, capsys):
 
 
 def test_dicom_tls(settings, tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    with session_scope(settings) as session:
-        add_site(session, code="S1", ae_title="SITE1")
-    receiver = Receiver(settings, ReceiverConfig(port=0, bind_address="127.0.0.1", stable_s=3600, tls_cert=cert,
-                                                 tls_key=key)).start()
+    receiver, cert = start_tls_node(settings, tmp_path)
     try:
         files = small_series(tmp_path / "s", 3)
         storescu(receiver.port, files, aet="SITE1", extra=("+tla", "+cf", str(cert)))
