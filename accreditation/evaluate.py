@@ -28,10 +28,11 @@ from accreditation.register import update_accreditation
 from accreditation.standards import load_standard, verdict
 from corelab import __version__
 from corelab.dicomio import Volume, load_volume, newest_instances
+from corelab.lifecycle import move
 from corelab.models import PhantomResult, Series
-from phantoms.analysis import analyze_nema_iec, analyze_uniform_cylinder
-from phantoms.digital import Grid
+from phantoms.cylinder import analyze_uniform_cylinder
 from phantoms.fill import FillSheet, true_concentrations
+from phantoms.nema_iec import analyze_nema_iec
 
 
 WITHHELD = "withheld"
@@ -218,10 +219,6 @@ def parse_centres(text: str, *, source: Path | str = "centres") -> dict[float, t
     return out
 
 
-def _grid(volume: Volume) -> Grid:
-    return Grid(shape=volume.array.shape, voxel_mm=volume.voxel_mm, origin_mm=volume.origin_mm)
-
-
 def _sha256_files(paths: list[Path]) -> str:
     digests = sorted(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths)
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
@@ -247,7 +244,7 @@ def evaluate_volume(volume: Volume, fill: FillSheet, *, scan_time: dt.datetime |
     centres_mm : dict, optional
         Sphere centres placed by hand, ``{diameter_mm: (x, y, z)}`` patient mm (NEMA IEC only).
     rc_peak_placement : str
-        See :func:`phantoms.analysis.analyze_nema_iec`.
+        See :func:`phantoms.nema_iec.analyze_nema_iec`.
     """
     std = load_standard(standard)
     truth = true_concentrations(fill, scan_time)
@@ -259,12 +256,12 @@ def evaluate_volume(volume: Volume, fill: FillSheet, *, scan_time: dt.datetime |
         notes.append(f"image Units are {volume.units}, not BQML: the recovery values assume Bq/mL")
     if fill.kind == "nema_iec":
         result = analyze_nema_iec(kbq_ml, volume.voxel_mm, sphere_kbq_ml=truth.values_kbq_ml["sphere_kbq_ml"],
-                                  background_kbq_ml=truth.values_kbq_ml["background_kbq_ml"], grid=_grid(volume),
+                                  background_kbq_ml=truth.values_kbq_ml["background_kbq_ml"], grid=volume.grid,
                                   centres_mm=centres_mm, rc_peak_placement=rc_peak_placement)
     else:
         result = analyze_uniform_cylinder(kbq_ml, volume.voxel_mm,
                                           concentration_kbq_ml=truth.values_kbq_ml["concentration_kbq_ml"],
-                                          grid=_grid(volume))
+                                          grid=volume.grid)
         if centres_mm:
             notes.append("sphere centres given by hand are ignored for a uniform cylinder")
     v = verdict(result, std)
@@ -289,15 +286,16 @@ def evaluate_volume(volume: Volume, fill: FillSheet, *, scan_time: dt.datetime |
 
 def evaluate_series_folder(folder: Path, fill: FillSheet, *, standard: str = "EARL1",
                            centres_mm: Mapping[float, Sequence[float]] | None = None,
-                           rc_peak_placement: str = "max_voxel") -> PhantomEvaluation:
+                           rc_peak_placement: str = "max_voxel", paths: Sequence[Path] | None = None) -> PhantomEvaluation:
     """Evaluate the phantom series whose DICOM files are in ``folder``.
 
-    Reads the newest version of each instance (:func:`corelab.dicomio.newest_instances`): a
-    slice the site sent again replaces the earlier copy the spool keeps beside it; the result's
-    notes name the files set aside.
+    Reads the newest version of each instance: ``paths`` when given (a stored series:
+    :func:`corelab.series_files.series_files`), else chosen among the folder's files by
+    :func:`corelab.dicomio.newest_instances`. A slice the site sent again replaces the earlier
+    copy the spool keeps beside it; the result's notes name the files set aside.
     """
     found = sorted(p for p in Path(folder).iterdir() if p.suffix == ".dcm")
-    paths = newest_instances(found)
+    paths = newest_instances(found) if paths is None else list(paths)
     volume = load_volume(paths)
     scan_time, source = scan_reference_time_and_source(pydicom.dcmread(volume.paths[0], stop_before_pixels=True))
     evaluation = evaluate_volume(volume, fill, scan_time=scan_time, standard=standard,
@@ -334,7 +332,8 @@ def record_evaluation(session: Session, series: Series, evaluation: PhantomEvalu
         PhantomResult.corelab_version == evaluation.corelab_version)).all()
     stored = next((r for r in rows if _same_analysis(r.metrics or {}, evaluation.metrics)), None)
     if stored is not None:
-        series.qc_state = "done"
+        move(session, series, qc_state="done", actor="accreditation", reason="phantom analysed (result already stored)",
+             detail={"phantom_result_id": stored.id})
         acc = None
         if series.scanner_id is not None:
             acc = update_accreditation(session, series.scanner_id, standard=evaluation.standard, scope=scope)
@@ -348,8 +347,9 @@ def record_evaluation(session: Session, series: Series, evaluation: PhantomEvalu
                            fill=evaluation.fill, corelab_version=evaluation.corelab_version,
                            input_sha256=input_sha256, scan_date=evaluation.scan_date)
     session.add(result)
-    series.qc_state = "done"
     session.flush()
+    move(session, series, qc_state="done", actor="accreditation", reason="phantom analysed",
+         detail={"phantom_result_id": result.id, "verdict": result.verdict})
     acc = None
     if series.scanner_id is not None:
         acc = update_accreditation(session, series.scanner_id, standard=evaluation.standard, scope=scope)

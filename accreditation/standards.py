@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from phantoms.analysis import CylinderResult, NemaIecResult
+from phantoms.results import CylinderResult, NemaIecResult
 
 __all__ = [
     "Band",
@@ -70,10 +70,10 @@ class Standard:
         Identity and citation.
     metrics : mapping
         ``{metric: {sphere diameter mm: Band}}`` for the IEC phantom (``rc_mean``, ``rc_max``,
-        ``rc_peak``), matching attribute names of :class:`phantoms.analysis.SphereResult`.
+        ``rc_peak``), matching attribute names of :class:`phantoms.results.SphereResult`.
     calibration : mapping
         ``{metric: Band}`` for the uniform cylinder (``calibration_bias_pct``), matching
-        :class:`phantoms.analysis.CylinderResult`.
+        :class:`phantoms.results.CylinderResult`.
     """
 
     name: str

@@ -24,8 +24,8 @@ N_SERIES, N_SLICES, N_ROWS = 100, 50, 10_000
 
 
 def _make_files(work: Path) -> list[list[Path]]:
-    from phantoms.trial import generate_trial
-    from tests.synth_fixtures import small_spec
+    from synth.spec import small_spec
+    from synth.trial import generate_trial
 
     spec = small_spec()
     spec.pet_shape = (N_SLICES, 48, 48)

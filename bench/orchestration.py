@@ -27,7 +27,7 @@ N_SITES, SUBJECTS_PER_SITE = 10, 10
 
 
 def _spec():
-    from phantoms.trial import ScannerSpec, SiteSpec, TrialSpec
+    from synth.spec import ScannerSpec, SiteSpec, TrialSpec
 
     demo = TrialSpec.demo()
     accredited = [s for s in demo.scanners if s.accredited]
@@ -118,7 +118,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from phantoms.trial import generate_trial
+    from synth.trial import generate_trial
 
     spec = _spec()
     start = time.perf_counter()

@@ -16,99 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-PEER_REQUIREMENTS = ("pynemaiqpet==0.5.4", "pydicom<3")
+from synth.peer import ensure_peer, run_peer
+
 REPEATS = 7
-
-_PEER_SCRIPT = r'''
-import json, sys, time, statistics
-import matplotlib
-matplotlib.use("Agg")
-import numpy as np
-import pymirc.fileio as pmf
-from pynemaiqpet.nema_wb import fit_WB_NEMA_sphere_profiles
-
-repeats, jobs = int(sys.argv[1]), sys.argv[2:]
-radii = [18.5, 14.0, 11.0, 8.5, 6.5, 5.0]
-
-def load(folder):
-    dcm = pmf.DicomVolume(folder + "/*.dcm")
-    return dcm.get_data(), dcm.voxsize
-
-def analyse(vol, voxsize):
-    return fit_WB_NEMA_sphere_profiles(vol, voxsize, sameSignal=True, Rfix=radii, dfix=1.5)[1]
-
-for folder, true_bq_ml in zip(jobs[::2], map(float, jobs[1::2])):
-    t_load, t_fit = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); vol, voxsize = load(folder); t1 = time.perf_counter()
-        res = analyse(vol, voxsize); t2 = time.perf_counter()
-        t_load.append(t1 - t0); t_fit.append(t2 - t1)
-    rows = [{"diameter_mm": round(2 * float(r)), "rc_mean": float(a) / true_bq_ml, "rc_max": float(m) / true_bq_ml}
-            for r, a, m in zip(res["R"], res["mean_a50"], res["max"])]
-    print(json.dumps({"folder": folder, "load_s": statistics.median(t_load), "analysis_s": statistics.median(t_fit),
-                      "spheres": rows}), flush=True)
-'''
-
-
-def peer_venv() -> Path:
-    return Path(os.environ.get("CORELAB_BENCH_PEER_VENV",
-                               Path.home() / ".cache" / "corelab-bench" / "pynemaiqpet-venv"))
-
-
-def ensure_peer(venv: Path | None = None) -> Path:
-    """The peer's Python, creating its virtual environment on first use."""
-    venv = venv or peer_venv()
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import pynemaiqpet, pymirc, pydicom; assert int(pydicom.__version__[0]) < 3"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return python
-    print(f"creating the pynemaiqpet environment in {venv} (first use) ...", flush=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS], check=True)
-    subprocess.run(probe, check=True)
-    return python
-
-
-def run_peer(series: list[tuple[Path, float]], *, repeats: int = 1, python: Path | None = None) -> list[dict]:
-    """Analyse DICOM series folders with pynemaiqpet, in its own environment, in one process.
-
-    Parameters
-    ----------
-    series : list of (folder, true sphere concentration in Bq/mL)
-    repeats : int
-        Analyses per series (the times returned are medians).
-    python : Path, optional
-        The peer's Python (default: :func:`ensure_peer`).
-
-    Returns
-    -------
-    list of dict
-        Per series, in order: ``folder``, ``load_s``, ``analysis_s`` and ``spheres``
-        (``[{"diameter_mm", "rc_mean", "rc_max"}]``, the peer's A50 mean and max over the true
-        concentration, in the peer's own order: the spheres it finds, largest first).
-    """
-    python = python or ensure_peer()
-    args = [str(repeats)] + [v for folder, bq_ml in series for v in (str(folder), repr(float(bq_ml)))]
-    proc = subprocess.run([str(python), "-c", _PEER_SCRIPT, *args], capture_output=True, text=True,
-                          env={**os.environ, "MPLBACKEND": "Agg"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"pynemaiqpet failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 def write_series(outdir: Path) -> tuple[Path, Path, dict]:
     """A noiseless 2 mm-voxel NEMA IEC series with its fill sheet (the trial generator's writer)."""
-    from phantoms.trial import PhantomSpec, TrialSpec, _write_phantom
+    from synth.spec import PhantomSpec, TrialSpec
+    from synth.trial import _write_phantom
 
     spec = TrialSpec.demo()
     spec.phantom = PhantomSpec(nema_shape=(110, 165, 165), voxel_mm=(2.0, 2.0, 2.0), shift_mm=(6.0, -4.0, 3.0),
@@ -133,8 +54,7 @@ def main() -> None:
 
     from accreditation.evaluate import evaluate_series_folder, scan_reference_time
     from corelab.dicomio import load_volume
-    from phantoms.analysis import analyze_nema_iec
-    from phantoms.digital import Grid
+    from phantoms.nema_iec import analyze_nema_iec
     from phantoms.fill import load_fill_sheet, true_concentrations
 
     python = ensure_peer()
@@ -145,7 +65,7 @@ def main() -> None:
     volume = load_volume(paths)
     truth = true_concentrations(fill, scan_reference_time(pydicom.dcmread(paths[0], stop_before_pixels=True)))
     sphere, background = truth.values_kbq_ml["sphere_kbq_ml"], truth.values_kbq_ml["background_kbq_ml"]
-    grid = Grid(volume.array.shape, volume.voxel_mm, volume.origin_mm)
+    grid = volume.grid
     kbq_ml = volume.array / 1000.0
 
     t_ours, ours = _median_time(lambda: analyze_nema_iec(kbq_ml, volume.voxel_mm, sphere_kbq_ml=sphere,

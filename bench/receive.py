@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from synth.net import free_port, wait_port
+from synth.small_series import write_pet_slices
 
 N_SLICES = 2000
 MATRIX = 128
@@ -31,76 +33,6 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout_s: float = 30.0) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
-
-
-def pet_slice(*, study: str, series: str, frame: str, pixels: bytes, matrix: int, index: int = 0, n: int = 1):
-    """Slice ``index`` of ``n`` of a de-identified PET series (PET Image Storage, Bq/mL, explicit VR LE).
-
-    ``pixels``: ``matrix`` x ``matrix`` uint16 bytes. The slices are 2 mm apart, the first at z = 0.
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.128"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-    ds.Modality, ds.PatientName, ds.PatientID = "PT", "BENCH-001", "BENCH-001"
-    ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "PS3.15 E basic profile"
-    ds.PatientSex, ds.PatientWeight = "F", 70
-    ds.StudyDate = ds.SeriesDate = "20260101"
-    ds.SeriesTime = "100000"
-    ds.InstanceNumber, ds.NumberOfSlices, ds.ImageIndex = index + 1, n, index + 1
-    ds.ImagePositionPatient = [-300.0, -300.0, -2.0 * index]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing, ds.SliceThickness = [4.0, 4.0], 2.0
-    ds.Units, ds.DecayCorrection, ds.CorrectedImage = "BQML", "START", ["ATTN", "DECY"]
-    item = Dataset()
-    item.RadiopharmaceuticalStartDateTime = "20260101090000"
-    item.RadionuclideTotalDose, item.RadionuclideHalfLife = 250e6, 6586.2
-    ds.RadiopharmaceuticalInformationSequence = Sequence([item])
-    ds.Rows = ds.Columns = matrix
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 0.5, 0
-    ds.PixelData = pixels
-    return ds
-
-
-def write_pet_series(outdir: Path, n: int = N_SLICES, matrix: int = MATRIX) -> list[Path]:
-    """``n`` de-identified PET slices of one series (see :func:`pet_slice`)."""
-    import numpy as np
-    from pydicom.uid import generate_uid
-
-    outdir.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 30000, size=(matrix, matrix), dtype=np.uint16).tobytes()
-    paths = []
-    for i in range(n):
-        ds = pet_slice(study=study, series=series, frame=frame, pixels=pixels, matrix=matrix, index=i, n=n)
-        path = outdir / f"pet{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def _send(folder: Path, port: int, *, aet: str, aec: str) -> float:
@@ -202,7 +134,7 @@ def main() -> None:
             raise SystemExit(f"{tool} is missing: install dcmtk (make system-deps)")
     work = Path(tempfile.mkdtemp(prefix="corelab-bench-receive-"))
     try:
-        files = write_pet_series(work / "pet")
+        files = write_pet_slices(work / "pet", N_SLICES, MATRIX)
         size_kb = sum(p.stat().st_size for p in files) / len(files) / 1024
         t_ref = bench_storescp(work / "pet", work)
         t_noop = bench_pynetdicom_noop(work / "pet")

@@ -33,9 +33,10 @@ def main() -> None:
     from corelab.db import session_scope
     from corelab.ingest import ingest_path
     from corelab.register import load_register
-    from expectations.manual import trial_fields
     from corelab.settings import load_settings
-    from phantoms.trial import TrialSpec, generate_trial
+    from expectations.manual import trial_fields
+    from synth.spec import TrialSpec
+    from synth.trial import generate_trial
 
     rows = []
     t_gen, truth = _timed(lambda: generate_trial(work / "trial", TrialSpec.demo(), seed=0))

@@ -5,17 +5,68 @@ header announces (NumberOfSlices, else ImagesInAcquisition), and the slice posit
 instance's ImagePositionPatient projected on its slice normal) for gaps and repeats. The result
 is stored on the series and shown, never used to hide or drop anything: a flagged series still
 goes to QC, where the physicist sees why.
+
+The missing-slice rule
+----------------------
+:func:`slice_steps` is the one rule for slices missing between received positions; completion
+(:func:`assess`), the header table (``expectations.header_table.missing_slices``) and the volume
+reader (``corelab.dicomio``) all count through it. The spacing is the median of the distinct
+steps between sorted positions (a repeat is not a step); each step is read as the nearest whole
+number of spacings, ``floor(step / spacing + 0.5)``, and holds that number minus one missing
+slices. So a step is a gap from :data:`GAP_FACTOR` = 1.5 times the spacing, where it is nearer
+two spacings than one. The three rules this replaces all counted ``round(step / spacing) - 1``
+and differed only in which steps they looked at: completion's 1.25 x admitted steps between
+1.25 and 1.5 x whose count was still zero, the header table's 1.5 x and the reader's regular grid
+counted the same; 1.5 keeps every result (and every test) as it was, except exact ties of
+half a spacing, which now count up (they are not on a regular grid, which the reader refuses).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-# Two positions closer than this fraction of the typical spacing are the same slice (a repeat);
-# a step larger than (1 + this) times the typical spacing holds missing slices (a gap).
+# Two positions closer than this fraction of the typical spacing are the same slice (a repeat).
 POSITION_TOLERANCE = 0.25
+# Steps this small (mm) are no step at all when the typical spacing is worked out.
+DISTINCT_STEP_MM = 1e-3
+GAP_FACTOR = 1.5
+"""A step of at least this many times the spacing holds missing slices (see the module's notes)."""
+
+
+@dataclass(frozen=True)
+class SliceSteps:
+    """The steps between sorted slice positions, judged by the one missing-slice rule.
+
+    ``spacing_mm``: median of the distinct steps (None without one); ``repeats``: steps shorter
+    than :data:`POSITION_TOLERANCE` x the spacing (a repeated position); ``missing``: per step,
+    the slices missing inside it.
+    """
+
+    positions_mm: tuple[float, ...]
+    spacing_mm: float | None
+    repeats: int
+    missing: tuple[int, ...]
+
+    @property
+    def gaps(self) -> int:
+        """Slices missing between received positions, in all."""
+        return sum(self.missing)
+
+
+def slice_steps(positions_mm: Sequence[float]) -> SliceSteps:
+    """Judge the steps between ``positions_mm`` (sorted here) by the one missing-slice rule."""
+    known = np.sort(np.asarray(list(positions_mm), dtype=float))
+    steps = np.diff(known)
+    distinct = steps[steps > DISTINCT_STEP_MM]
+    if not distinct.size:
+        return SliceSteps(tuple(known.tolist()), None, max(0, len(known) - 1), tuple(0 for _ in steps))
+    spacing = float(np.median(distinct))
+    missing = tuple(max(0, int(np.floor(step / spacing + 0.5)) - 1) if step >= GAP_FACTOR * spacing else 0
+                    for step in steps)
+    return SliceSteps(tuple(known.tolist()), spacing, int(np.sum(steps < POSITION_TOLERANCE * spacing)), missing)
 
 
 def slice_position_mm(ds) -> float | None:
@@ -66,16 +117,9 @@ def assess(positions_mm: Sequence[float | None], *, instance_count: int, expecte
         elif instance_count > expected_count:
             out["findings"].append(f"{instance_count} instances, more than the {expected_count} the header announces")
     if len(known) >= 2:
-        steps = np.diff(np.asarray(known))
-        distinct = steps[steps > 1e-3]
-        if distinct.size:
-            spacing = float(np.median(distinct))
-            out["spacing_mm"] = round(spacing, 4)
-            out["repeated_positions"] = int(np.sum(steps < POSITION_TOLERANCE * spacing))
-            big = distinct[distinct > (1 + POSITION_TOLERANCE) * spacing]
-            out["gaps"] = int(sum(round(step / spacing) - 1 for step in big))
-        else:
-            out["repeated_positions"] = len(known) - 1
+        judged = slice_steps(known)
+        out["spacing_mm"] = round(judged.spacing_mm, 4) if judged.spacing_mm is not None else None
+        out["repeated_positions"], out["gaps"] = judged.repeats, judged.gaps
     if out["repeated_positions"]:
         out["findings"].append(f"{out['repeated_positions']} instance(s) repeat a slice position")
     if out["gaps"]:

@@ -27,10 +27,12 @@ from sqlmodel import Session, col, select
 
 from corelab.completeness import assess, slice_position_mm
 from corelab.deid import DeidPolicy, check_deidentified, is_phantom
+from corelab.lifecycle import move
 from corelab.limits import FILL_SHEET_SUFFIX, Limits, iter_drop
 from corelab.models import (Instance, QuarantineItem, Scanner, Series, Site, Study, Subject, Trial, Visit,
                             utcnow)
 from corelab.register import flag_requalification
+from corelab.series_files import newest_instance_rows, series_dir
 from corelab.settings import Settings
 from corelab.validate import (HELD_PREFIX_BYTES, REQUIRED_UIDS, SOP_CLASSES, ObjectFacts, Rejected, check_deflate,
                               extract_facts, finite, object_label, parse_object, safe_join, step)
@@ -101,6 +103,10 @@ def durable_write(path: Path, data: bytes) -> None:
 # --- files written by a transaction are removed when it does not commit -----------------------------
 
 def _forget_written(session: Session) -> None:
+    # SQLAlchemy 2 also calls after_commit when a savepoint is released (the audit log appends in
+    # one): only the outermost commit makes the files permanent
+    if session.in_nested_transaction():
+        return
     session.info[_WRITTEN] = []
 
 
@@ -200,18 +206,18 @@ def _series_for(session: Session, facts: ObjectFacts, site: Site, trial: Trial |
     scanner = _scanner_for(session, site, facts)
     held = session.exec(select(QuarantineItem.id).where(QuarantineItem.series_uid == facts.series_uid,
                                                         col(QuarantineItem.released_at).is_(None))).first()
+    # A series' trial, once: the trial of the study's visit (what QC, deviations and reports
+    # join through), else the trial the object named (a phantom has no visit).
+    visit_trial = (session.exec(select(Subject.trial_id).join(Visit, Visit.subject_id == Subject.id)
+                                .where(Visit.id == study.visit_id)).first() if study.visit_id else None)
     series = Series(series_uid=facts.series_uid, study_id=study.id, site_id=site.id,
+                    trial_id=visit_trial or (trial.id if trial else None),
                     scanner_id=scanner.id if scanner else None, modality=facts.modality,
                     kind="phantom" if phantom else ("trial" if trial else "unknown"),
                     description=facts.series_description, state="quarantined" if held else "receiving")
     session.add(series)
     session.flush()
     return series
-
-
-def series_dir(settings: Settings, series: Series, session: Session) -> Path:
-    study = session.get(Study, series.study_id)
-    return safe_join(settings.data_dir, "spool", study.study_uid, series.series_uid)
 
 
 # --- quarantine --------------------------------------------------------------------------------------
@@ -221,7 +227,7 @@ def _quarantine(session: Session, settings: Settings, data: bytes, rej: Rejected
     """Hold the object (or the prefix ``rej.held``) with its reason; mark its series if it has one."""
     series = session.exec(select(Series).where(Series.series_uid == series_uid)).first() if series_uid else None
     if series is not None:
-        series.state = "quarantined"
+        move(session, series, state="quarantined", actor="ingest", reason=rej.code)
         series.last_received_at = utcnow()  # the receiver's stability clock counts quarantined objects
     shown_uid = series.series_uid if series is not None else None
     if not keep:
@@ -342,27 +348,25 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
     # In SQL, not in Python: concurrent receivers add to the same series without losing counts.
     series.instance_count = Series.instance_count + 1
     if series.state == "complete":  # a late instance reopens a completed series
-        series.state = "receiving"
+        move(session, series, state="receiving", actor="ingest", reason="an object arrived after completion",
+             detail={"sop_instance_uid": facts.sop_instance_uid, "version": version})
     if facts.expected_count is not None:
         series.expected_count = facts.expected_count
     return Outcome(label, "new_version" if version > 1 else "stored", series.series_uid)
 
 
-def complete_series(session: Session, series: Series) -> None:
-    """Mark a series complete and fix its checksum over the instances it holds."""
+def complete_series(session: Session, series: Series, *, actor: str = "ingest") -> None:
+    """Mark a series complete and fix its checksum over the instances it holds (a quarantined
+    series keeps its state, with the checksum and completeness of what it holds)."""
     digests = sorted(session.exec(select(Instance.sha256).where(Instance.series_id == series.id)).all())
     series.checksum = sha256_bytes("\n".join(digests).encode())
     # Newest version per SOP instance: a resent, corrected slice is not a repeated position.
-    newest: dict[str, tuple[int, float | None]] = {}
-    for uid, version, position in session.exec(select(Instance.sop_instance_uid, Instance.version,
-                                                      Instance.slice_position_mm)
-                                               .where(Instance.series_id == series.id)):
-        if uid not in newest or version > newest[uid][0]:
-            newest[uid] = (version, position)
-    series.completeness = assess([p for _, p in newest.values()], instance_count=len(newest),
+    newest = newest_instance_rows(session, series)
+    series.completeness = assess([inst.slice_position_mm for inst in newest], instance_count=len(newest),
                                  expected_count=series.expected_count)
     if series.state != "quarantined":
-        series.state = "complete"
+        move(session, series, state="complete", actor=actor, reason="series stable",
+             detail={"instances": len(newest), "complete": series.completeness["complete"]})
     series.completed_at = utcnow()
 
 

@@ -125,6 +125,9 @@ class Series(SQLModel, table=True):
     study_id: int | None = Field(default=None, foreign_key="study.id", index=True)
     site_id: int | None = Field(default=None, foreign_key="site.id", index=True)
     scanner_id: int | None = Field(default=None, foreign_key="scanner.id", index=True)
+    trial_id: int | None = Field(default=None, foreign_key="trial.id", index=True,
+                                 description="set at ingest: the trial of the study's visit, else the one the "
+                                             "object named (a phantom); None for a series of no trial")
     modality: str = Field(default="", max_length=16)
     kind: str = Field(default="unknown", description="trial | phantom | unknown")
     description: str = ""

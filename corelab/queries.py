@@ -42,7 +42,7 @@ def deviation_rows(session: Session, *, trial_code: str | None = None, site_code
              .join(Study, Series.study_id == Study.id, isouter=True)
              .join(Visit, Study.visit_id == Visit.id, isouter=True)
              .join(Subject, Visit.subject_id == Subject.id, isouter=True)
-             .join(Trial, Subject.trial_id == Trial.id, isouter=True)
+             .join(Trial, Series.trial_id == Trial.id, isouter=True)
              .order_by(col(Deviation.severity), col(Site.code), col(Subject.pseudonym), col(Visit.label),
                        col(Deviation.rule_id)))
     if trial_code:

@@ -16,9 +16,9 @@ Completion and QC
 -----------------
 A series is stable when no object arrived for ``stable_s`` seconds (``Series.last_received_at``).
 The ticker completes it (checksum, completeness against the header's counts and the slice
-positions), then claims its QC start with one atomic ``UPDATE ... SET qc_state='queued' WHERE
-qc_state='pending'``: only one caller, in any process, before or after a restart, can win, and
-the winner records an audit event and calls ``on_complete(series_id)``. The kernel never imports
+positions), then claims its QC start (:func:`corelab.lifecycle.claim`: one atomic ``UPDATE ...
+SET qc_state='queued' WHERE qc_state='pending'``): only one caller, in any process, before or
+after a restart, can win, and the winner records an audit event and calls ``on_complete(series_id)``. The kernel never imports
 a flow: the caller hands in the callback (``flows/receive.py`` starts the Prefect QC).
 """
 
@@ -29,11 +29,11 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from corelab import audit
+from corelab import lifecycle
 from corelab.db import transaction
 from corelab.ingest import complete_series
 from corelab.models import Instance, Series, utcnow
@@ -53,18 +53,7 @@ def claim_qc(engine: Engine, series_id: int, *, actor: str = "receiver") -> bool
     """
     def once() -> bool:
         with transaction(engine) as session:
-            result = session.execute(update(Series)
-                                     .where(Series.id == series_id, Series.qc_state == "pending",
-                                            Series.state == "complete")
-                                     .values(qc_state="queued", qc_at=utcnow()))
-            if result.rowcount != 1:
-                return False
-            series = session.get(Series, series_id)
-            audit.append(session, actor=actor, action="series.qc_queued", entity="series",
-                         entity_id=series.series_uid,
-                         detail={"instances": series.instance_count, "checksum": series.checksum,
-                                 "completeness": series.completeness})
-            return True
+            return lifecycle.claim(session, series_id, actor=actor, action="series.qc_queued") is not None
     return bool(retrying(once, f"claim QC of series {series_id}"))
 
 
@@ -80,11 +69,21 @@ def start_qc(engine: Engine, series_ids: list[int], on_complete: Callable[[int],
             continue
         try:
             on_complete(series_id)
-        except Exception:  # QC is claimed: mark it failed rather than leave it queued in silence
-            LOG.exception("series %d: starting QC failed; marked qc_state=failed", series_id)
-            with transaction(engine) as session:
-                session.execute(update(Series).where(Series.id == series_id).values(qc_state="failed"))
+        except Exception as exc:  # QC is claimed: mark it failed rather than leave it queued in silence
+            LOG.exception("series %d: starting QC failed; marked qc_state=failed (the nightly QC retries it)",
+                          series_id)
+            mark_start_failed(engine, [series_id], reason=f"starting QC failed: {type(exc).__name__}: {exc}",
+                              actor=actor)
     return started
+
+
+def mark_start_failed(engine: Engine, series_ids: list[int], *, reason: str, actor: str) -> list[int]:
+    """Mark failed the QC of series whose start could not be handed over (still ``queued`` or
+    ``running``; one that finished meanwhile keeps its outcome); returns the ids marked."""
+    with transaction(engine) as session:
+        rows = [s for s in session.exec(select(Series).where(col(Series.id).in_(series_ids)).order_by(col(Series.id)))
+                if s.qc_state in ("queued", "running")]
+        return [s.id for s in lifecycle.move_all(session, rows, qc_state="failed", actor=actor, reason=reason)]
 
 
 def complete_stable_series(engine: Engine, *, stable_s: float, on_complete: Callable[[int], None] | None = None,
@@ -106,7 +105,7 @@ def complete_stable_series(engine: Engine, *, stable_s: float, on_complete: Call
                 series = session.exec(select(Series).where(Series.id == series_id, stable)).first()
                 if series is None:  # another receiver got there first, or an object just arrived
                     return False
-                complete_series(session, series)
+                complete_series(session, series, actor="receiver")
                 LOG.info("series %s complete: %d instances, state %s%s", series.series_uid, series.instance_count,
                          series.state, "" if series.completeness.get("complete", True)
                          else f", flagged: {'; '.join(series.completeness.get('findings', []))}")
@@ -174,4 +173,4 @@ def recover(settings: Settings, engine: Engine) -> dict:
     return out
 
 
-__all__ = ["claim_qc", "complete_stable_series", "recover", "start_qc"]
+__all__ = ["claim_qc", "complete_stable_series", "mark_start_failed", "recover", "start_qc"]

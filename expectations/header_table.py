@@ -20,7 +20,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as Sequence_
 
-from corelab.suv import SuvError, series_headers_from_datasets, suvbw_factors
+from corelab.completeness import slice_steps
+from corelab.suv import SuvError, suvbw_factors
+from corelab.suv_headers import series_headers_from_datasets
 
 # name -> (type, unit, meaning). The order is the column order of exports.
 COLUMNS: dict[str, tuple[str, str, str]] = {
@@ -170,15 +172,10 @@ def slice_positions_mm(datasets: Sequence[Dataset]) -> np.ndarray:
 def missing_slices(positions_mm: np.ndarray, *, expected: int | None) -> int:
     """Slices absent, by the larger of two counts: gaps between positions and the header's count.
 
-    A gap is a step larger than 1.5 times the median step.
+    Gaps by the one missing-slice rule, :func:`corelab.completeness.slice_steps`.
     """
     n = len(positions_mm)
-    from_gaps = 0
-    if n >= 3:
-        steps = np.diff(positions_mm)
-        step = float(np.median(steps))
-        if step > 0:
-            from_gaps = int(sum(round(s / step) - 1 for s in steps if s > 1.5 * step))
+    from_gaps = slice_steps(positions_mm).gaps if n >= 3 else 0
     from_count = max(0, (expected or 0) - n)
     return max(from_gaps, from_count)
 

@@ -17,10 +17,11 @@ import pydicom
 from sqlmodel import Session, col, select
 
 from corelab import __version__, audit
-from corelab.dicomio import newest_instances
-from corelab.models import Deviation, Instance, Scanner, Series, Site, Study, Subject, Trial, Visit, utcnow
+from corelab.lifecycle import move_all
+from corelab.models import Deviation, Scanner, Series, Site, Study, Subject, Trial, Visit, utcnow
 from corelab.queries import accredited_on
 from corelab.register import flag_requalification
+from corelab.series_files import series_files
 from corelab.settings import Settings
 from expectations.header_table import COLUMNS, add_cross_scan_columns, header_row
 from expectations.manual import Finding, Manual, validate
@@ -45,12 +46,10 @@ class QcOutcome:
 def series_headers(session: Session, settings: Settings, series: Series) -> list[pydicom.Dataset]:
     """Headers of the newest version of every instance of a series, read from the spool.
 
-    The newest version is chosen by :func:`corelab.dicomio.newest_instances`, the one rule every
-    reader of a series uses (phantom analysis and reports too).
+    The files are :func:`corelab.series_files.series_files`, the one list every reader of a
+    series uses (phantom analysis and reports too).
     """
-    paths = [settings.data_dir / path for path in
-             session.exec(select(Instance.path).where(Instance.series_id == series.id).order_by(col(Instance.id)))]
-    return [pydicom.dcmread(path, stop_before_pixels=True) for path in newest_instances(paths)]
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in series_files(settings, session, series)]
 
 
 def _context(session: Session, series: Series) -> dict:
@@ -59,7 +58,7 @@ def _context(session: Session, series: Series) -> dict:
     study = session.get(Study, series.study_id) if series.study_id else None
     visit = session.get(Visit, study.visit_id) if study and study.visit_id else None
     subject = session.get(Subject, visit.subject_id) if visit else None
-    trial = session.get(Trial, subject.trial_id) if subject else None
+    trial = session.get(Trial, series.trial_id) if series.trial_id else None
     return {"site": site.code if site else None, "scanner": scanner.code if scanner else None,
             "visit": visit.label if visit else None, "subject": subject.pseudonym if subject else None,
             "trial": trial.code if trial else None, "_scanner": scanner, "_trial": trial}
@@ -69,8 +68,9 @@ def trial_pet_series(session: Session, trial_code: str, *, only_ids: list[int] |
                      needing_version: str | None = None, subjects: set[str] | None = None) -> list[Series]:
     """Complete trial PET series of a trial; with ``needing_version``, only those not yet judged
     by that manual version (never checked, or checked by another version)."""
-    query = (select(Series).join(Study, Series.study_id == Study.id).join(Visit, Study.visit_id == Visit.id)
-             .join(Subject, Visit.subject_id == Subject.id).join(Trial, Subject.trial_id == Trial.id)
+    query = (select(Series).join(Trial, Series.trial_id == Trial.id)
+             .join(Study, Series.study_id == Study.id).join(Visit, Study.visit_id == Visit.id)
+             .join(Subject, Visit.subject_id == Subject.id)
              .where(Trial.code == trial_code, Series.modality == "PT", Series.kind == "trial",
                     Series.state == "complete").order_by(col(Series.id)))
     if only_ids is not None:
@@ -194,14 +194,17 @@ def record_findings(session: Session, manual: Manual, table: pd.DataFrame, findi
             dev.status, dev.updated_at = "resolved", now
             resolved.append({"deviation_id": dev.id, "series_uid": uid_of[series_id], "rule_id": rule_id})
     outcome.deviations_resolved = len(resolved)
-    judged = 0
+    changed = []
     for uid, series in series_by_uid.items():
         row = _json_row(rows[uid])
         # Touch a series only when its judgement changed: a re-validation that finds the same
         # thing leaves the store exactly as it was.
         if (series.header_row, series.qc_state, series.qc_manual_version) != (row, "done", manual.version):
-            series.header_row, series.qc_state, series.qc_at, series.qc_manual_version = row, "done", now, manual.version
-            judged += 1
+            series.header_row, series.qc_manual_version = row, manual.version
+            changed.append(series)
+    move_all(session, changed, qc_state="done", at=now, actor=actor, reason=f"judged by {manual.path.name}",
+             detail={"manual_version": manual.version})
+    judged = len(changed)
     if judged or new or outcome.deviations_updated or resolved:
         audit.append(session, actor=actor, action="qc.batch", entity="trial", entity_id=manual.trial,
                      detail={"manual": manual.path.name, "manual_version": manual.version,
@@ -209,6 +212,14 @@ def record_findings(session: Session, manual: Manual, table: pd.DataFrame, findi
                              "new": outcome.deviations_new, "updated": outcome.deviations_updated,
                              "resolved": resolved})
     return outcome
+
+
+def mark_nothing_to_check(session: Session, series: list[Series], *, actor: str) -> list[Series]:
+    """Close the QC of series no imaging-manual rule applies to yet (CT/MR of a trial visit, a
+    series of no trial): ``done``, with one audit event. The one place that does it, for the
+    receiver's QC start and the QC flow alike; returns the series moved."""
+    return move_all(session, [s for s in series if s.qc_state != "done"], qc_state="done", actor=actor,
+                    reason="no imaging-manual rule applies to this series")
 
 
 def qc_series_batch(session: Session, settings: Settings, manual: Manual, series: list[Series], *,

@@ -1,5 +1,6 @@
-"""``corelab`` subcommands for queries, waivers, reports and sign-off (added to flows/cli.py's parser).
+"""``corelab`` subcommands for exports, queries, waivers, reports and sign-off (added to flows/cli.py's parser).
 
+    corelab export --trial T [--format parquet|csv] [--out DIR]
     corelab query open DEVIATION_ID --text ... [--as NAME]
     corelab query answer QUERY_ID --text ... --as SITE
     corelab query resolve QUERY_ID [--text ...] [--as NAME]
@@ -13,141 +14,106 @@
 from __future__ import annotations
 
 import getpass
-import sys
+from pathlib import Path
 
-
-def _cli():
-    from flows import cli
-
-    return cli
+from flows.cli_common import print_result, session, settings
+from services import reports, review
 
 
 def cmd_query_open(args) -> int:
-    from corelab.db import session_scope
-    from corelab.site_queries import open_query
-
-    with session_scope(_cli()._settings()) as session:
-        q = open_query(session, args.deviation_id, args.text, actor=args.actor or getpass.getuser())
-        data = {"query": q.id, "deviation": q.deviation_id, "status": q.status}
-    _cli()._print(args, data)
+    with session() as s:
+        data = review.open_query(s, args.deviation_id, args.text, actor=args.actor or getpass.getuser())
+    print_result(args, data)
     return 0
 
 
 def cmd_query_answer(args) -> int:
-    from corelab.db import session_scope
-    from corelab.site_queries import answer_query
-
-    with session_scope(_cli()._settings()) as session:
-        q = answer_query(session, args.query_id, args.text, site_code=args.actor)
-        data = {"query": q.id, "status": q.status}
-    _cli()._print(args, data)
+    with session() as s:
+        data = review.answer_query(s, args.query_id, args.text, site_code=args.actor)
+    print_result(args, data)
     return 0
 
 
 def cmd_query_resolve(args) -> int:
-    from corelab.db import session_scope
-    from corelab.site_queries import resolve_query
-
-    with session_scope(_cli()._settings()) as session:
-        q = resolve_query(session, args.query_id, actor=args.actor or getpass.getuser(), text=args.text or "")
-        data = {"query": q.id, "status": q.status}
-    _cli()._print(args, data)
+    with session() as s:
+        data = review.resolve_query(s, args.query_id, actor=args.actor or getpass.getuser(), text=args.text or "")
+    print_result(args, data)
     return 0
 
 
 def cmd_query_list(args) -> int:
-    from corelab.db import session_scope
-    from corelab.site_queries import query_rows
-
-    with session_scope(_cli()._settings()) as session:
-        rows = query_rows(session, site_code=args.site, open_only=args.open)
-    if not args.json:
-        rows = [{k: v for k, v in r.items() if k != "thread"} for r in rows]
-    _cli()._print(args, rows, rows, ["id", "site", "deviation_id", "rule_id", "severity", "status",
-                                     "deviation_status", "opened_at", "last"])
+    with session() as s:
+        rows = review.list_queries(s, site_code=args.site, open_only=args.open, with_thread=args.json)
+    print_result(args, rows, rows, ["id", "site", "deviation_id", "rule_id", "severity", "status",
+                                    "deviation_status", "opened_at", "last"])
     return 0
 
 
 def cmd_deviation_waive(args) -> int:
-    from corelab.db import session_scope
-    from corelab.site_queries import waive_deviation
-
-    with session_scope(_cli()._settings()) as session:
-        dev = waive_deviation(session, args.deviation_id, args.reason, actor=args.actor)
-        data = {"deviation": dev.id, "rule_id": dev.rule_id, "status": dev.status}
-    _cli()._print(args, data)
+    with session() as s:
+        data = review.waive_deviation(s, args.deviation_id, args.reason, actor=args.actor)
+    print_result(args, data)
     return 0
 
 
-def cmd_report_render(args) -> int:
-    from corelab.db import session_scope
-    from reports.delivery import publish
+def _render_needs(args) -> str:
     from reports.render import ReportError
 
-    settings = _cli()._settings()
-    out = []
-    with session_scope(settings) as session:
-        specs = []
+    needed = {"accreditation": "scanner", "site-qc": "site", "trial": "trial"}[args.kind]
+    if not getattr(args, needed):
+        raise ReportError(f"report render {args.kind} needs --{needed} CODE")
+    return getattr(args, needed)
+
+
+def cmd_report_render(args) -> int:
+    config = settings()
+    code = _render_needs(args)
+    options = dict(force=args.force, reason=args.reason or "", deliver=not args.no_deliver, actor=getpass.getuser())
+    with session(config) as s:
         if args.kind == "accreditation":
-            from reports.accreditation import accreditation_report
-
-            if not args.scanner:
-                raise ReportError("report render accreditation needs --scanner CODE")
-            specs.append(accreditation_report(session, args.scanner, settings=settings, standard=args.standard))
+            out = reports.publish_accreditation_report(s, config, code, standard=args.standard, **options)
         elif args.kind == "site-qc":
-            from reports.site_qc import month_period, site_qc_report
-
-            if not args.site:
-                raise ReportError("report render site-qc needs --site CODE")
-            since, until, label = month_period(args.month)
-            specs.append(site_qc_report(session, args.site, since=since, until=until, label=label))
+            out = reports.publish_site_qc_report(s, config, code, month=args.month, **options)
         else:
-            from reports.exports import export_trial
-            from reports.trial import trial_deviation_report
-
-            if not args.trial:
-                raise ReportError("report render trial needs --trial CODE")
-            exports = {}
-            for fmt in ("csv", "parquet"):
-                exports.update({f"{k}.{fmt}": p for k, p in
-                                export_trial(session, args.trial, settings.exports_dir, fmt=fmt).items()})
-            specs.append(trial_deviation_report(session, args.trial, exports=exports))
-        for spec in specs:
-            out.append(publish(session, settings, spec, force=args.force, reason=args.reason or "",
-                               deliver=not args.no_deliver, actor=getpass.getuser()))
-    _cli()._print(args, out if args.json else out[0])
+            out = reports.publish_trial_report(s, config, code, **options)
+    print_result(args, [out] if args.json else out)
     return 0
 
 
 def cmd_report_list(args) -> int:
-    from corelab.db import session_scope
-    from reports.render import report_rows
-
-    with session_scope(_cli()._settings()) as session:
-        rows = report_rows(session)
-    _cli()._print(args, rows, rows, ["id", "kind", "key", "version", "site", "trial", "replaces_id", "signed_by",
-                                     "signed_at", "path"])
+    with session() as s:
+        rows = reports.list_reports(s)
+    print_result(args, rows, rows, ["id", "kind", "key", "version", "site", "trial", "replaces_id", "signed_by",
+                                    "signed_at", "path"])
     return 0
 
 
 def cmd_sign(args) -> int:
-    from corelab.db import session_scope
-    from reports.delivery import deliver_report
-    from reports.render import sign_report
+    config = settings()
+    with session(config) as s:
+        data = reports.sign_and_deliver(s, config, args.report, signer=args.actor, reason=args.reason,
+                                        deliver=not args.no_deliver)
+    print_result(args, data)
+    return 0
 
-    settings = _cli()._settings()
-    with session_scope(settings) as session:
-        report = sign_report(session, args.report, signer=args.actor, reason=args.reason, data_dir=settings.data_dir)
-        data = {"report": report.id, "path": report.path, "sha256": report.sha256, "signed_by": report.signed_by,
-                "signed_at": report.signed_at.isoformat()}
-        if not args.no_deliver:  # the site gets the signature file beside the report
-            data["delivery"] = deliver_report(session, settings, report, actor=args.actor)
-    _cli()._print(args, data)
+
+def cmd_export(args) -> int:
+    config = settings()
+    with session(config) as s:
+        paths = reports.export_trial_tables(s, config, args.trial, fmt=args.format,
+                                            out_dir=Path(args.out) if args.out else None)
+    print_result(args, paths)
     return 0
 
 
 def add_commands(sub, common) -> None:
-    """Add the query, deviation, report and sign subcommands to the ``corelab`` parser."""
+    """Add the export, query, deviation, report and sign subcommands to the ``corelab`` parser."""
+    p = sub.add_parser("export", parents=[common], help="export the header table and deviations (Parquet or CSV)")
+    p.add_argument("--trial", required=True, help="trial code")
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    p.add_argument("--out", help="folder (default: <data dir>/exports)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("query", help="queries to sites about deviations")
     s = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = s.add_parser("open", parents=[common], help="send a deviation to its site as a query")
@@ -211,6 +177,3 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     return (QueryError, ReportError)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_cli().main())

@@ -9,22 +9,20 @@ nothing new: a report whose content is unchanged keeps its newest version.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import json
 import sys
 import time
-from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from corelab.settings import Settings, load_settings
 from flows.accredit import accredit_scanners
 from flows.alerts import HOOKS
 from flows.qc import qc_trial
+from flows.demo_data import demo_first_scan_date, score_demo, synthesize
 from tasks.ingest import ingest_drop, load_register_file
-from tasks.reports import render_accreditation_reports, render_site_qc_reports, render_trial_report, score_demo
+from tasks.reports import render_accreditation_reports, render_site_qc_reports, render_trial_report
 
 STEPS = ("generate the synthetic trial", "load the site register", "ingest the site drops",
          "accredit the scanners", "check trial scans against the imaging manual", "render and deliver the reports",
@@ -43,29 +41,6 @@ class _Progress:
         if not self.quiet and index < len(STEPS):
             print(f"[{index + 1}/{len(STEPS)}] {STEPS[index]} ... ({time.monotonic() - self.start:5.1f} s)",
                   file=sys.stderr, flush=True)
-
-
-@task(name="synthesize-trial", task_run_name="synthesize trial seed {seed}")
-def synthesize(outdir: str, seed: int, first_scan_date: str) -> dict:
-    """Generate the demo trial, or reuse the identical one a previous demo run generated."""
-    from phantoms.trial import GroundTruth, TrialSpec, generate_trial
-
-    spec = dataclasses.replace(TrialSpec.demo(), first_scan_date=first_scan_date)
-    if (Path(outdir) / "ground_truth.json").is_file():
-        truth = GroundTruth.load(outdir)
-        if truth.data["seed"] != seed or truth.data["spec"] != json.loads(json.dumps(spec.to_dict())):
-            raise RuntimeError(f"{outdir} holds another synthetic trial; move it away or use another data dir")
-    else:
-        truth = generate_trial(Path(outdir), spec, seed=seed)
-    register = truth.data["register"]
-    return {"outdir": outdir, "register": str(Path(outdir) / "register.yaml"), "trial": register["trial_code"],
-            "sites": [s["code"] for s in register["sites"]]}
-
-
-def demo_first_scan_date(today: dt.date | None = None) -> str:
-    """The demo's trial starts three weeks ago, so its phantom scans (three weeks before that)
-    fall inside the quarterly calibration cadence and the scanners are accredited today."""
-    return ((today or dt.date.today()) - dt.timedelta(days=21)).isoformat()
 
 
 @flow(name="demo", flow_run_name="demo seed {seed}", **HOOKS)

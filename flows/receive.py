@@ -8,7 +8,10 @@ one coarse flow run per trial and kind for what it drained:
 - trial PET series: the ``qc-trial`` flow with ``series_ids`` (one Great Expectations run);
 - phantom series: the ``accredit-scanners`` flow with those series;
 - anything else (CT/MR of a trial visit, series of no trial): no manual rule applies yet, so
-  its QC state is set to ``done`` here.
+  its QC is closed here (:func:`expectations.qc.mark_nothing_to_check`, the one place that does).
+
+If a start fails, its series that are still ``queued`` (or ``running``) are marked ``failed``
+(:func:`corelab.series_completion.mark_start_failed`); the nightly QC picks them up again.
 
 ``mode="flow"`` runs the flows in this process (Prefect's ephemeral mode unless
 ``PREFECT_API_URL`` names a server); ``mode="deployment"`` hands them to the deployments of
@@ -24,8 +27,9 @@ from collections import defaultdict
 
 from sqlmodel import col, select
 
-from corelab.db import session_scope
-from corelab.models import Series, Study, Subject, Trial, Visit
+from corelab.db import session_scope, transaction
+from corelab.models import Series, Trial
+from corelab.series_completion import mark_start_failed
 from corelab.settings import Settings
 
 LOG = logging.getLogger("corelab.receive")
@@ -39,14 +43,12 @@ def plan_qc(settings: Settings, series_ids: list[int]) -> dict:
     plan: dict = {"trial": defaultdict(list), "phantom": {}, "nothing_to_check": []}
     with session_scope(settings) as session:
         trials = list(session.exec(select(Trial).order_by(col(Trial.id))))
+        by_id = {t.id: t for t in trials}
         for series in session.exec(select(Series).where(col(Series.id).in_(series_ids)).order_by(col(Series.id))):
-            trial = session.exec(select(Trial).join(Subject, Subject.trial_id == Trial.id)
-                                 .join(Visit, Visit.subject_id == Subject.id)
-                                 .join(Study, Study.visit_id == Visit.id)
-                                 .where(Study.id == series.study_id)).first()
+            trial = by_id.get(series.trial_id)
             if series.kind == "phantom" and trials:
-                # A phantom belongs to a scanner, not a visit: it is judged for the first trial's
-                # standard (one trial per installation so far).
+                # A phantom belongs to a scanner, not a visit: it is judged for the standard of the
+                # trial it named, else the first trial's (one trial per installation so far).
                 trial = trial or trials[0]
                 entry = plan["phantom"].setdefault(trial.code, (trial.standard, []))
                 entry[1].append((series.id, series.series_uid))
@@ -89,9 +91,11 @@ class QcStarter:
                     break
             try:
                 self.run(ids)
-            except Exception:
-                LOG.exception("QC start for series %s failed; they stay queued for the nightly QC", ids)
-                self._mark(ids, "failed")
+            except Exception as exc:
+                marked = mark_start_failed(self.engine, ids, actor="receiver",
+                                           reason=f"QC start failed: {type(exc).__name__}: {exc}")
+                LOG.exception("QC start for series %s failed; %s marked failed for the nightly QC to retry",
+                              ids, marked)
             finally:
                 for _ in ids:
                     self.queue.task_done()
@@ -100,16 +104,21 @@ class QcStarter:
         """Wait until every queued series has been handed to its flow."""
         self.queue.join()
 
-    def _mark(self, ids: list[int], state: str) -> None:
-        with session_scope(self.settings) as session:
-            for series in session.exec(select(Series).where(col(Series.id).in_(ids))):
-                series.qc_state = state
+    @property
+    def engine(self):
+        from corelab.db import open_store
+
+        return open_store(self.settings)
 
     def run(self, series_ids: list[int]) -> list[dict]:
         """Start QC for ``series_ids`` now (coarse: one flow run per trial and kind)."""
         plan = plan_qc(self.settings, series_ids)
         if plan["nothing_to_check"]:
-            self._mark(plan["nothing_to_check"], "done")
+            from expectations.qc import mark_nothing_to_check
+
+            with transaction(self.engine) as session:
+                mark_nothing_to_check(session, list(session.exec(
+                    select(Series).where(col(Series.id).in_(plan["nothing_to_check"])))), actor="receiver")
         runs = []
         for code, ids in plan["trial"].items():
             runs.append(self._start("qc", QC_DEPLOYMENT, {"trial_code": code, "series_ids": ids}))

@@ -1,7 +1,7 @@
 """Physical phantom geometry, as data.
 
 Each phantom is a frozen dataclass in its own *phantom frame* (mm). Digital phantoms
-(:mod:`phantoms.digital`) and analyses (:mod:`phantoms.analysis`) read the numbers from here,
+(:mod:`synth.digital_phantoms`) and analyses (:mod:`phantoms.nema_iec`, :mod:`phantoms.cylinder`) read the numbers from here,
 so a corrected dimension is a one-line change.
 
 Phantom frame of the NEMA IEC body phantom
@@ -80,7 +80,7 @@ class NemaIecBodyPhantom:
         across and by ``end_wall_mm`` at each end.
     sphere_wall_mm : float
         Glass wall of the spheres (about 1 mm): cold, it displaces background, which the
-        localiser allows for (:func:`phantoms.localise.expected_activity_volume_ml`).
+        localiser allows for (:func:`phantoms.identity.expected_activity_volume_ml`).
     background_roi_xy_mm : tuple of (float, float)
         Centres of the 12 background ROIs used for percent contrast and background variability.
         NEMA places them at least 15 mm from the phantom edge. This is a simplified set of 12,

@@ -1,8 +1,8 @@
-"""Voxel geometry shared by the phantom analyses: index <-> mm, and partial-voxel weights of
-balls and discs (exact to a sub-sampling, counted by formula).
+"""Voxel geometry shared by the phantom analyses: index <-> mm, the pose of the phantom in the
+image, and partial-voxel weights of balls and discs (exact to a sub-sampling, counted by formula).
 
 Arrays are indexed ``(plane, row, col)``; positions are ``(x, y, z)`` in mm (see
-:mod:`phantoms.analysis`).
+:mod:`phantoms.nema_iec`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from phantoms.digital import Grid
+from corelab.grid import Grid
 
-__all__ = ["Frame", "frame_of", "chord_counts", "ball_weights", "disc_weights"]
+__all__ = ["Frame", "RingPose", "frame_of", "chord_counts", "ball_weights", "disc_weights"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,19 @@ class Frame:
         ox, oy, oz = self.origin
         dx, dy, dz = self.spacing
         return ox + i * dx, oy + j * dy, oz + k * dz
+
+
+@dataclass(frozen=True)
+class RingPose:
+    """Rigid pose of the phantom: ``image = rotation @ (phantom - ring_centre) + translation``."""
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    rms_mm: float
+    detected: tuple[float, ...]
+
+    def to_image(self, p_phantom: Sequence[float], ring_centre_ph: np.ndarray) -> np.ndarray:
+        return self.rotation @ (np.asarray(p_phantom, dtype=float) - ring_centre_ph) + self.translation
 
 
 def frame_of(volume: np.ndarray, voxel_mm: Sequence[float], grid: Grid | None) -> Frame:

@@ -4,7 +4,7 @@ Everything shown comes from the store (the register's accreditation, its evidenc
 and uniform-cylinder :class:`~corelab.models.PhantomResult` with their checks and fill-sheet
 provenance) and from the phantom images in the spool for the three-plane views and the sphere
 assignment (the axial plane with each sphere's name at its fitted centre). The images are read
-through :func:`corelab.dicomio.newest_instances`: a re-sent slice replaces its earlier version.
+through :func:`corelab.series_files.series_files`: a re-sent slice replaces its earlier version.
 A withheld NEMA IEC result (localisation uncertain) is shown as such and decides nothing.
 Nothing is computed here beyond choosing, naming and formatting.
 """
@@ -22,9 +22,9 @@ from sqlmodel import Session, col, select
 from accreditation.evaluate import WITHHELD, AxialPlane, sphere_plane
 from accreditation.register import effective_status
 from accreditation.standards import StandardError, load_standard
-from corelab.dicomio import Volume, load_volume, newest_instances
-from corelab.ingest import series_dir
+from corelab.dicomio import Volume, load_volume
 from corelab.models import Accreditation, PhantomResult, Scanner, Series, Site
+from corelab.series_files import series_files
 from corelab.settings import Settings
 from phantoms.geometry import sphere_volume_ml
 from reports.render import ReportError, ReportSpec
@@ -190,8 +190,7 @@ def _withheld_elsewhere(session: Session, scanner: Scanner,
 
 def series_volume(settings: Settings, session: Session, series_id: int) -> Volume:
     """The image volume of a stored series, from the newest version of each of its instances."""
-    folder = series_dir(settings, session.get(Series, series_id), session)
-    return load_volume(newest_instances(sorted(folder.glob("*.dcm"))))
+    return load_volume(series_files(settings, session, session.get(Series, series_id)))
 
 
 def _assignment_spheres(metrics: Mapping, checks: Sequence[Mapping]) -> list[dict]:

@@ -54,3 +54,10 @@ def calibration_chart(ax, drift) -> None:
     ax.set_ylim(min(-lim.action_pct * 1.3, min(biases, default=0) - 2), max(lim.action_pct * 1.3, max(biases, default=0) + 2))
     ax.spines[["top", "right"]].set_visible(False)
     ax.figure.autofmt_xdate()
+
+
+def calibration_chart_png(drift) -> bytes:
+    """The calibration control chart of one scanner as PNG bytes (same data, same bytes)."""
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    calibration_chart(ax, drift)
+    return base64.b64decode(png_data_uri(fig).split(",", 1)[1])

@@ -21,10 +21,11 @@ from accreditation.evaluate import (CENTRES_FILE, WITHHELD, CentresFileError, Ph
 from accreditation.register import expiring_accreditations
 from corelab.db import session_scope
 from corelab.dicomio import DicomVolumeError
-from corelab.ingest import series_dir
+from corelab.lifecycle import move, start_running
 from corelab.models import PhantomResult, Scanner, Series
+from corelab.series_files import series_dir, series_files
 from corelab.settings import load_settings
-from phantoms.analysis import PhantomLocalisationError
+from phantoms.localise import PhantomLocalisationError
 from phantoms.fill import FillSheetError, parse_fill_sheet
 from reports.figures import png_data_uri
 
@@ -55,8 +56,9 @@ def _fill_error(series_uid: str, scanner: str) -> dict:
 @task(name="analyze-phantom", task_run_name="analyse phantom of {scanner}",
       cache_policy=INPUTS + TASK_SOURCE, persist_result=True, cache_expiration=dt.timedelta(days=400))
 def analyze_phantom(folder: str, fill_sheet: str, standard: str, input_sha256: str, scanner: str = "",
-                    centres: str = "") -> PhantomEvaluation:
-    """Analyse one phantom series folder against ``standard``.
+                    centres: str = "", paths: list[str] | None = None) -> PhantomEvaluation:
+    """Analyse one phantom series folder against ``standard`` (its files ``paths``: the newest
+    version of each instance, :func:`corelab.series_files.series_files`; all of the folder's when None).
 
     Cached on its inputs: the series checksum (``input_sha256``), the fill sheet's text and the
     text of the centres file given by hand (``centres``, empty for automatic localisation) are
@@ -65,7 +67,8 @@ def analyze_phantom(folder: str, fill_sheet: str, standard: str, input_sha256: s
     """
     fill = parse_fill_sheet(yaml.safe_load(fill_sheet) or {}, source=f"{folder}/fill.yaml")
     centres_mm = parse_centres(centres, source=f"{folder}/{CENTRES_FILE}") if centres.strip() else None
-    return evaluate_series_folder(Path(folder), fill, standard=standard, centres_mm=centres_mm)
+    return evaluate_series_folder(Path(folder), fill, standard=standard, centres_mm=centres_mm,
+                                  paths=[Path(p) for p in paths] if paths is not None else None)
 
 
 def save_sphere_figure(evaluation: PhantomEvaluation, path: Path) -> Path | None:
@@ -91,29 +94,37 @@ def save_sphere_figure(evaluation: PhantomEvaluation, path: Path) -> Path | None
 def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str, scanner: str = "") -> dict:
     """Analyse one phantom series (cached), store the result once, update the register."""
     settings = load_settings()
-    with session_scope(settings) as session:
+    with session_scope(settings) as session:  # committed, so the running state shows while it is analysed
         series = session.get(Series, series_id)
         folder = series_dir(settings, series, session)
+        paths = [str(p) for p in series_files(settings, session, series)]
         checksum = series.checksum or ""
+        start_running(session, [series], actor="accreditation", reason="phantom analysis started")
+
+    def failed(reason: str) -> None:
+        with session_scope(settings) as session:
+            move(session, session.get(Series, series_id), qc_state="failed", actor="accreditation", reason=reason)
+
     fill_path = folder / "fill.yaml"
     if not fill_path.is_file():
-        with session_scope(settings) as session:
-            session.get(Series, series_id).qc_state = "failed"
+        failed("no fill sheet")
         return _fill_error(series_uid, scanner)
     centres_path = folder / CENTRES_FILE
     centres = centres_path.read_text() if centres_path.is_file() else ""
     try:
-        evaluation = analyze_phantom(str(folder), fill_path.read_text(), standard, checksum, scanner, centres)
+        evaluation = analyze_phantom(str(folder), fill_path.read_text(), standard, checksum, scanner, centres, paths)
     except (CentresFileError, FillSheetError, DicomVolumeError, PhantomLocalisationError) as exc:
         # input a person must fix: said in the artifact, the other phantoms of the run go on
-        with session_scope(settings) as session:
-            session.get(Series, series_id).qc_state = "failed"
+        failed(f"{type(exc).__name__}: {exc}")
         fix = (f"correct {centres_path}" if isinstance(exc, CentresFileError) else
                f"correct {fill_path}" if isinstance(exc, FillSheetError) else
                f"give the sphere centres by hand in {centres_path}" if isinstance(exc, PhantomLocalisationError)
                else "ask the site to send the series again")
         return {"series_uid": series_uid, "scanner": scanner, "verdict": "error",
                 "error": f"{exc}; {fix} and run accredit-scanners again"}
+    except Exception as exc:  # anything else: the task's retry starts it again from failed
+        failed(f"phantom analysis failed: {type(exc).__name__}: {exc}")
+        raise
     with session_scope(settings) as session:
         series = session.get(Series, series_id)
         result, acc = record_evaluation(session, series, evaluation, scope=scope)

@@ -6,10 +6,11 @@ from prefect import task
 from sqlmodel import col, select
 
 from corelab.db import session_scope
+from corelab.lifecycle import move_all, start_running
 from corelab.models import Series
 from corelab.settings import load_settings
 from expectations.manual import load_manual
-from expectations.qc import qc_series_batch, trial_pet_series
+from expectations.qc import mark_nothing_to_check, qc_series_batch, trial_pet_series
 
 
 @task(name="find-trial-series", task_run_name="find {trial_code} series")
@@ -25,9 +26,20 @@ def qc_batch(trial_code: str, series_ids: list[int], n_series: int) -> dict:
     """Validate one batch of series in one Great Expectations run and record the deviations."""
     manual = load_manual(trial_code)
     settings = load_settings()
-    with session_scope(settings) as session:
-        series = list(session.exec(select(Series).where(col(Series.id).in_(series_ids)).order_by(col(Series.id))))
-        return qc_series_batch(session, settings, manual, series, docs_dir=settings.data_dir / "gx").as_dict()
+
+    def batch(session):
+        return list(session.exec(select(Series).where(col(Series.id).in_(series_ids)).order_by(col(Series.id))))
+
+    with session_scope(settings) as session:  # committed, so the running state shows while GX runs
+        start_running(session, batch(session), actor="qc")
+    try:
+        with session_scope(settings) as session:
+            return qc_series_batch(session, settings, manual, batch(session), docs_dir=settings.data_dir / "gx").as_dict()
+    except Exception as exc:
+        with session_scope(settings) as session:  # a retry starts them again from failed
+            move_all(session, [s for s in batch(session) if s.qc_state == "running"], qc_state="failed", actor="qc",
+                     reason=f"QC of the batch failed: {type(exc).__name__}: {exc}")
+        raise
 
 
 @task(name="mark-non-pet-done", task_run_name="mark CT series checked")
@@ -36,6 +48,4 @@ def mark_non_pet_done() -> int:
     with session_scope(load_settings()) as session:
         rows = session.exec(select(Series).where(Series.modality != "PT", Series.state == "complete",
                                                  Series.qc_state == "pending")).all()
-        for series in rows:
-            series.qc_state = "done"
-        return len(rows)
+        return len(mark_nothing_to_check(session, list(rows), actor="qc"))

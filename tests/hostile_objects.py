@@ -1,6 +1,6 @@
 """Hostile objects, as bytes, for any test that needs one (imported, not a conftest).
 
-Every builder starts from one valid, de-identified PET slice (``bench.receive.pet_slice``, the
+Every builder starts from one valid, de-identified PET slice (``synth.small_series.pet_slice``, the
 slice ``tests.receiver_helpers.small_series`` writes: PatientName/ID ``BENCH-001``, explicit VR
 little endian; here with descriptions and a scanner) and damages exactly one thing, so a test
 knows which reason code to expect: :data:`CASES` maps a case name to ``(reason code, builder)``.
@@ -22,7 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import generate_uid
 
-from bench.receive import pet_slice
+from synth.small_series import pet_slice
 
 PET = "1.2.840.10008.5.1.4.1.1.128"
 DEFLATED = "1.2.840.10008.1.2.1.99"

@@ -11,12 +11,13 @@ from pathlib import Path
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from bench.receive import free_port, wait_port, write_pet_series  # noqa: F401  (re-exported to the tests)
 from corelab.db import session_scope
 from corelab.models import AuditEvent, Instance, Series
 from corelab.receiver import Receiver, ReceiverConfig
 from corelab.register import add_site
 from corelab.settings import Settings
+from synth.net import free_port, wait_port  # noqa: F401  (re-exported to the tests)
+from synth.small_series import write_pet_slices
 
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
@@ -25,7 +26,7 @@ DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
 def small_series(outdir: Path, n: int, matrix: int = 8) -> list[Path]:
     """``n`` de-identified PET slices (tiny images: the tests measure the protocol, not pixels)."""
-    return write_pet_series(outdir, n=n, matrix=matrix)
+    return write_pet_slices(outdir, n=n, matrix=matrix)
 
 
 def storescu(port: int, paths, *, aet: str, aec: str = "CORELAB", extra: tuple[str, ...] = (),

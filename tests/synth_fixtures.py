@@ -10,24 +10,8 @@ from pathlib import Path
 
 import pydicom
 
-from phantoms.trial import PhantomSpec, TrialSpec
-
 DCIODVFY = shutil.which("dciodvfy")
 DCENTVFY = shutil.which("dcentvfy")
-
-
-def small_spec() -> TrialSpec:
-    """The demo trial shrunk for tests: 7 subjects, coarse grids, all problems still placed,
-    and a few clean visits left over."""
-    spec = TrialSpec.demo()
-    for site, n in zip(spec.sites, (3, 3, 1)):
-        site.n_subjects = n
-    spec.pet_shape = (20, 48, 48)
-    for scanner in spec.scanners:
-        scanner.pet_voxel_mm = (6.0, 8.0, 8.0)  # 384 mm across: the whole trunk fits
-    spec.phantom = PhantomSpec(nema_shape=(20, 68, 68), cylinder_shape=(20, 44, 44),
-                               voxel_mm=(5.0, 5.0, 5.0), supersample=2)
-    return spec
 
 
 def series_files(outdir: Path, entry: dict) -> list[Path]:

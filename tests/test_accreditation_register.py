@@ -173,8 +173,8 @@ def test_scanner_record_has_the_history(settings, scanner):
 @pytest.fixture(scope="module")
 def nema_series(tmp_path_factory):
     """One NEMA IEC phantom series (5 mm voxels) written as DICOM, with its fill sheet."""
-    from phantoms.trial import _write_phantom
-    from tests.synth_fixtures import small_spec
+    from synth.spec import small_spec
+    from synth.trial import _write_phantom
 
     out = tmp_path_factory.mktemp("phantom")
     spec = small_spec()

@@ -34,7 +34,7 @@ from corelab.dicomio import DicomVolumeError, load_volume, newest_instances
 from corelab.ingest import ingest_path, series_dir
 from corelab.models import AuditEvent, PhantomResult, Series, Site
 from phantoms.fill import FillSheetError, load_fill_sheet, parse_fill_sheet
-from tests.synth_fixtures import small_spec
+from synth.spec import small_spec
 
 DAY = dt.date(2031, 3, 4)
 SCOPE = "TRIAL-1"
@@ -46,7 +46,7 @@ REASON = "sphere named 10 mm holds 6.30 mL of activity, nominal 0.52 mL (measure
 # ---------------------------------------------------------------------------------------------
 def _write_drop(out: Path) -> tuple[Path, dict, dict]:
     """Scanner A01-1's NEMA IEC and cylinder phantom scans written to ``out``: ``(out, nema, cyl)``."""
-    from phantoms.trial import _write_phantom
+    from synth.trial import _write_phantom
 
     spec = small_spec()
     scanner = next(s for s in spec.scanners if s.id == "A01-1")
@@ -66,8 +66,10 @@ def swapped(tmp_path_factory):
     """The same scanner's phantoms, but the NEMA IEC phantom's 22 and 28 mm spheres sit in each
     other's places: no naming of the IEC ring explains the sizes, so its localisation is uncertain."""
     from corelab.dicomio import load_volume as read
-    from phantoms.digital import Grid, blur_fwhm, nema_iec_phantom
+    from corelab.grid import Grid
     from phantoms.geometry import NEMA_IEC_BODY
+    from synth.digital_phantoms import nema_iec_phantom
+    from synth.imaging import blur_fwhm
 
     out, nema, cyl = _write_drop(tmp_path_factory.mktemp("swapped"))
     volume = read(sorted((out / nema["path"]).glob("*.dcm")))

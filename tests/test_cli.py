@@ -64,8 +64,8 @@ def test_site_register_round_trip(cli):
 
 
 def test_ingest_series_quarantine_and_audit(cli, tmp_path):
-    from phantoms.trial import generate_trial
-    from tests.synth_fixtures import small_spec
+    from synth.spec import small_spec
+    from synth.trial import generate_trial
 
     trial = tmp_path / "trial"
     truth = generate_trial(trial, small_spec(), seed=3)
@@ -83,9 +83,26 @@ def test_ingest_series_quarantine_and_audit(cli, tmp_path):
     assert audit["intact"] is True and audit["problems"] == []
 
 
+def test_ingest_starts_qc_of_the_series_it_completes(cli, tmp_path):
+    """A file drop's completed series are claimed for QC once, as the DICOM node claims them:
+    queued for the nightly QC by default (``--qc flow`` runs the flow at once)."""
+    from synth.spec import small_spec
+    from synth.trial import generate_trial
+
+    trial = tmp_path / "trial"
+    truth = generate_trial(trial, small_spec(), seed=3)
+    cli("register", "load", str(trial / "register.yaml"))
+    summary, _ = cli("ingest", str(trial / "sites" / "C03"), "--site", "C03", "--json")
+    series, _ = cli("series", "list", "--json")
+    assert summary["qc_started"] == len(series) == sum(1 for s in truth.series if s["site"] == "C03")
+    assert {s["qc_state"] for s in series} == {"queued"}
+    again, _ = cli("ingest", str(trial / "sites" / "C03"), "--site", "C03", "--json")
+    assert again["qc_started"] == 0  # claimed once, ever
+
+
 def test_phantom_analyze_prints_spheres_and_verdict(cli, tmp_path):
-    from phantoms.trial import generate_trial
-    from tests.synth_fixtures import small_spec
+    from synth.spec import small_spec
+    from synth.trial import generate_trial
 
     truth = generate_trial(tmp_path / "trial", small_spec(), seed=0)
     entry = next(s for s in truth.series if s["kind"] == "phantom" and s["scanner"] == "C03-1"

@@ -24,10 +24,10 @@ from corelab.suv import suv_of_files
 from expectations.header_table import header_row
 from expectations.manual import load_manual, trial_fields
 from expectations.qc import qc_series_batch, trial_pet_series
-from expectations.truth import score
 from phantoms.fill import load_fill_sheet
-from phantoms.trial import generate_trial
-from tests.synth_fixtures import small_spec
+from synth.spec import small_spec
+from synth.trial import generate_trial
+from synth.truth import score
 
 
 @pytest.fixture(scope="module")

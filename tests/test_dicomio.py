@@ -1,4 +1,4 @@
-"""corelab.dicomio: writing PET/CT series, reading them back, sorting and gap detection."""
+"""synth.dicom_writer writing PET/CT series, corelab.dicomio reading them back, sorting and gap detection."""
 
 from __future__ import annotations
 
@@ -10,17 +10,11 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from corelab import dicomio
-from corelab.dicomio import (
-    CtSeriesHeader,
-    DicomVolumeError,
-    PetSeriesHeader,
-    load_volume,
-    read_header,
-    write_ct_series,
-    write_pet_series,
-)
-from phantoms.digital import Grid
+from corelab.dicomio import DicomVolumeError, load_volume, read_header
+from corelab.grid import Grid
+from synth import dicom_header
+from synth.dicom_header import CtSeriesHeader, PetSeriesHeader
+from synth.dicom_writer import write_ct_series, write_pet_series
 from tests.synth_fixtures import DCENTVFY, DCIODVFY, dcentvfy_errors, dciodvfy_errors
 
 SERIES_START = dt.datetime(2023, 5, 9, 10, 31, 12)
@@ -81,8 +75,8 @@ def test_pet_header_content(tmp_path, grid, activity):
     assert [p.name for p in paths] == [f"{i:04d}.dcm" for i in range(1, 8)]
     ds = pydicom.dcmread(paths[2])
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert ds.SOPClassUID == dicomio.PET_IMAGE_STORAGE == "1.2.840.10008.5.1.4.1.1.128"
-    assert ds.SOPInstanceUID == dicomio.sop_instance_uid(header.series_uid, 3)
+    assert ds.SOPClassUID == dicom_header.PET_IMAGE_STORAGE == "1.2.840.10008.5.1.4.1.1.128"
+    assert ds.SOPInstanceUID == dicom_header.sop_instance_uid(header.series_uid, 3)
     assert ds.Modality == "PT" and ds.Units == "BQML" and ds.DecayCorrection == "START"
     assert {"ATTN", "DECY"} <= set(ds.CorrectedImage)
     assert ds.NumberOfSlices == 7 and ds.ImageIndex == 3 and ds.InstanceNumber == 3
@@ -92,7 +86,7 @@ def test_pet_header_content(tmp_path, grid, activity):
     assert ds.AcquisitionTime == ds.SeriesTime
     assert ds.ActualFrameDuration == 180000
     # Decay over a 180 s frame corrected to its start: factor lambda T / (1 - exp(-lambda T)).
-    lam = np.log(2) / dicomio.F18_HALF_LIFE_S
+    lam = np.log(2) / dicom_header.F18_HALF_LIFE_S
     assert float(ds.DecayFactor) == pytest.approx(lam * 180 / -np.expm1(-lam * 180), rel=1e-6)
     assert 89.0 < float(ds.FrameReferenceTime) / 1000 < 91.0
     item = ds.RadiopharmaceuticalInformationSequence[0]
@@ -169,7 +163,7 @@ def test_ct_round_trip(tmp_path, grid):
     pet = _pet_header()
     paths = write_ct_series(tmp_path, hu, grid, _ct_header(pet))
     ds = pydicom.dcmread(paths[0])
-    assert ds.SOPClassUID == dicomio.CT_IMAGE_STORAGE
+    assert ds.SOPClassUID == dicom_header.CT_IMAGE_STORAGE
     assert float(ds.RescaleIntercept) == -1024 and float(ds.RescaleSlope) == 1
     assert ds.StudyInstanceUID == pet.study_uid
     assert ds.FrameOfReferenceUID == pet.frame_of_reference_uid

@@ -19,8 +19,8 @@ from corelab.ingest import ingest_path, release_quarantined
 from corelab.models import Instance, QuarantineItem, Series, Study, Subject, Visit
 from corelab.register import load_register
 from expectations.manual import trial_fields
-from phantoms.trial import generate_trial
-from tests.synth_fixtures import small_spec
+from synth.spec import small_spec
+from synth.trial import generate_trial
 
 
 @pytest.fixture(scope="session")

@@ -231,8 +231,9 @@ def test_corelab_serve_receives_serves_schedules_and_pauses_them_on_sigterm(pref
     from corelab.register import load_register
     from corelab.settings import load_settings
     from expectations.manual import trial_fields
-    from phantoms.trial import generate_trial
-    from tests.synth_fixtures import series_files, small_spec
+    from synth.spec import small_spec
+    from synth.trial import generate_trial
+    from tests.synth_fixtures import series_files
 
     trial_dir = tmp_path / "trial"
     truth = generate_trial(trial_dir, small_spec(), seed=3).data

@@ -10,8 +10,12 @@ from scipy import ndimage
 from scipy.special import erf
 
 from accreditation.standards import load_standard, verdict
-from phantoms.analysis import PhantomLocalisationError, analyze_nema_iec, analyze_uniform_cylinder
-from phantoms.digital import Grid, add_noise, block_mean, blur_fwhm, nema_iec_phantom, uniform_cylinder
+from corelab.grid import Grid
+from phantoms.cylinder import analyze_uniform_cylinder
+from phantoms.localise import PhantomLocalisationError
+from phantoms.nema_iec import analyze_nema_iec
+from synth.digital_phantoms import nema_iec_phantom, uniform_cylinder
+from synth.imaging import add_noise, block_mean, blur_fwhm
 
 S, B = 20.0, 2.0  # kBq/mL, the EARL 10:1 filling
 

@@ -11,21 +11,13 @@ import pytest
 from scipy import ndimage
 
 from corelab.dicomio import load_volume
-from phantoms.digital import (
-    PATIENT_LABELS,
-    Grid,
-    Lesion,
-    add_noise,
-    axial_window,
-    blur_fwhm,
-    nema_iec_phantom,
-    patient_maps,
-    psf_blur,
-    reconstruction_noise,
-    uniform_cylinder,
-)
+from corelab.grid import Grid
 from phantoms.geometry import NEMA_IEC_BODY, sphere_volume_ml
-from phantoms.trial import TrialSpec, _write_phantom
+from synth.digital_phantoms import nema_iec_phantom, uniform_cylinder
+from synth.imaging import add_noise, axial_window, blur_fwhm, psf_blur, reconstruction_noise
+from synth.patient import PATIENT_LABELS, Lesion, patient_maps
+from synth.spec import TrialSpec
+from synth.trial import _write_phantom
 
 
 def _sphere_sums_ml(truth, *, margin_mm):

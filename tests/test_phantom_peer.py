@@ -1,13 +1,12 @@
 """corelab beside its peer pynemaiqpet on NEMA IEC phantoms of random roll and handedness.
 
 The peer (pynemaiqpet 0.5.4) runs in a virtual environment of its own, as the phantom benchmark
-runs it (``bench.phantom.ensure_peer``: created from PyPI on first use under
+runs it (``synth.peer.ensure_peer``: created from PyPI on first use under
 ``~/.cache/corelab-bench/pynemaiqpet-venv``, ``CORELAB_BENCH_PEER_VENV`` overrides; it needs
-pydicom < 3). The tests import the benchmark's helpers, as the receiver tests import
-``bench.receive``'s.
+pydicom < 3). The benchmark and these tests share the helpers in :mod:`synth.peer`.
 
 A handful of phantom series are written as DICOM by the synthetic trial's own writer
-(:func:`phantoms.trial._write_phantom`): 2 mm voxels, 7.5 mm FWHM, 1 mm glass sphere walls,
+(:func:`synth.trial._write_phantom`): 2 mm voxels, 7.5 mm FWHM, 1 mm glass sphere walls,
 clinical noise (background CoV 8-12 %), each at a roll, handedness (mirrored ring), axial
 direction and tilt drawn from its seed. corelab analyses each folder end to end
 (:func:`accreditation.evaluate.evaluate_series_folder`, DICOM and fill sheet to result), the
@@ -31,9 +30,10 @@ import math
 import pytest
 
 from accreditation.evaluate import evaluate_series_folder
-from bench.phantom import ensure_peer, run_peer
 from phantoms.fill import load_fill_sheet
-from phantoms.trial import PhantomSpec, TrialSpec, _write_phantom
+from synth.peer import ensure_peer, run_peer
+from synth.spec import PhantomSpec, TrialSpec
+from synth.trial import _write_phantom
 
 pytestmark = pytest.mark.peer
 

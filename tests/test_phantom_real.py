@@ -14,12 +14,15 @@ import pytest
 
 from accreditation.evaluate import evaluate_series_folder
 from corelab.dicomio import load_volume
-from phantoms.analysis import analyze_nema_iec
-from phantoms.digital import Grid, blur_fwhm, nema_iec_phantom
+from corelab.grid import Grid
 from phantoms.fill import parse_fill_sheet
 from phantoms.geometry import NEMA_IEC_BODY, sphere_volume_ml
-from phantoms.localise import check_identity, fit_ring
+from phantoms.identity import check_identity
+from phantoms.localise import fit_ring
+from phantoms.nema_iec import analyze_nema_iec
 from phantoms.voxels import frame_of
+from synth.digital_phantoms import nema_iec_phantom
+from synth.imaging import blur_fwhm
 
 REAL = Path(__file__).parent / "data" / "nema-iec-real" / "pet_recon_1"
 # pynemaiqpet 0.5.4 on this scan (tests/data/README.md): fitted sphere and background

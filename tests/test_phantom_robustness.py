@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from phantoms.analysis import PhantomLocalisationError, analyze_nema_iec, analyze_uniform_cylinder
-from phantoms.digital import Grid, add_noise, blur_fwhm, nema_iec_phantom, uniform_cylinder
+from corelab.grid import Grid
+from phantoms.cylinder import analyze_uniform_cylinder
+from phantoms.localise import PhantomLocalisationError
+from phantoms.nema_iec import analyze_nema_iec
+from synth.digital_phantoms import nema_iec_phantom, uniform_cylinder
+from synth.imaging import add_noise, blur_fwhm
 
 B = 2.0  # kBq/mL background
 

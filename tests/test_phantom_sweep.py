@@ -1,7 +1,7 @@
 """NEMA IEC sphere identity and recovery over the conditions real scans come in (issue 10).
 
-Every case builds a digital IEC phantom (:mod:`phantoms.digital`) in some pose and image
-condition, analyses it with :func:`phantoms.analysis.analyze_nema_iec`, and checks, for every
+Every case builds a digital IEC phantom (:mod:`synth.digital_phantoms`) in some pose and image
+condition, analyses it with :func:`phantoms.nema_iec.analyze_nema_iec`, and checks, for every
 sphere:
 
 * **identity**: the centre corelab reports under a diameter lies within ``CENTRE_TOL_MM`` of the
@@ -15,7 +15,7 @@ sphere:
 * **no false alarm**: ``result.localisation_uncertain`` is False (the phantom is a valid IEC
   phantom, correctly localised).
 
-Conditions (``phantoms.digital``): roll over the full circle (every 37 deg), mirrored ring
+Conditions (``synth.digital_phantoms``): roll over the full circle (every 37 deg), mirrored ring
 (left-right reflection of the image), axial flip (head-feet reflection: lid end towards the
 feet), both (the phantom turned end over end), tilt and yaw of a few degrees, 1 mm cold glass
 sphere walls, correlated noise of 8-15 % background CoV whose variance follows the activity,
@@ -39,8 +39,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from phantoms.analysis import analyze_nema_iec
-from phantoms.digital import Grid, axial_window, nema_iec_phantom, psf_blur, reconstruction_noise
+from corelab.grid import Grid
+from phantoms.nema_iec import analyze_nema_iec
+from synth.digital_phantoms import nema_iec_phantom
+from synth.imaging import axial_window, psf_blur, reconstruction_noise
 
 B = 2.0  # background, kBq/mL
 DIAMETERS = (10.0, 13.0, 17.0, 22.0, 28.0, 37.0)

@@ -107,6 +107,35 @@ def test_second_demo_run_changes_nothing(demo_runs):
     assert second["ground_truth_score"] == first["ground_truth_score"]
 
 
+def test_second_demo_run_renders_no_report(demo_runs):
+    _, first, second, counts_first, counts_second = demo_runs
+    assert counts_second["reports"] == counts_first["reports"]
+    assert all(r["status"] == "unchanged" for r in second["reports"].values())
+    assert second["report"] == first["report"]
+
+
+def test_both_routes_to_the_trial_report_make_the_same_report(demo_runs, capsys):
+    """``corelab report render trial`` and the nightly/demo task render the same report: alternating
+    them makes no new version (one use case: services.reports.publish_trial_report)."""
+    settings, first, _, _, _ = demo_runs
+    from flows.cli import main
+    from tasks.reports import render_trial_report
+
+    before = _counts(settings)
+    capsys.readouterr()
+    assert main(["report", "render", "trial", "--trial", first["trial"], "--json"]) == 0
+    (cli,) = json.loads(capsys.readouterr().out)
+    assert cli["status"] == "unchanged" and Path(cli["html"]).absolute() == Path(first["report"])
+    assert render_trial_report(first["trial"]) == first["report"]
+    assert main(["report", "render", "trial", "--trial", first["trial"], "--json"]) == 0
+    (again,) = json.loads(capsys.readouterr().out)
+    assert (again["status"], again["version"], again["report_id"]) == ("unchanged", cli["version"], cli["report_id"])
+    assert _counts(settings) == before
+    exports = sorted(p.name for p in settings.exports_dir.glob(f"{first['trial']}_*"))
+    assert exports == [f"{first['trial']}_{name}.{fmt}" for name in ("deviations", "header_table")
+                       for fmt in ("csv", "parquet")]
+
+
 def test_no_planted_identifier_reaches_store_or_reports(demo_runs):
     settings, first, _, _, _ = demo_runs
     truth = json.loads((Path(first["synthetic_trial"]) / "ground_truth.json").read_text())

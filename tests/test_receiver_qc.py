@@ -12,9 +12,10 @@ from corelab.models import Deviation, Series
 from corelab.receiver import Receiver, ReceiverConfig
 from corelab.register import load_register
 from expectations.manual import trial_fields
-from phantoms.trial import generate_trial
+from synth.spec import small_spec
+from synth.trial import generate_trial
 from tests.receiver_helpers import qc_claims, storescu, wait_for
-from tests.synth_fixtures import series_files, small_spec
+from tests.synth_fixtures import series_files
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.prefect]
 

@@ -34,8 +34,8 @@ from corelab.settings import load_settings
 from expectations.manual import load_manual, trial_fields
 from expectations.qc import qc_series_batch, trial_pet_series
 from phantoms.fill import load_fill_sheet
-from phantoms.trial import generate_trial
-from tests.synth_fixtures import small_spec
+from synth.spec import small_spec
+from synth.trial import generate_trial
 
 PDFTOPPM, PDFTOTEXT, PDFIMAGES = shutil.which("pdftoppm"), shutil.which("pdftotext"), shutil.which("pdfimages")
 

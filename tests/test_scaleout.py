@@ -13,8 +13,8 @@ from corelab.ingest import ingest_path
 from corelab.models import PhantomResult, Series
 from corelab.register import load_register
 from expectations.manual import trial_fields
-from phantoms.trial import generate_trial
-from tests.synth_fixtures import small_spec
+from synth.spec import small_spec
+from synth.trial import generate_trial
 
 pytestmark = pytest.mark.prefect
 

@@ -19,14 +19,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from corelab.suv import (
-    ENHANCED_PET_IMAGE_STORAGE,
-    PET_IMAGE_STORAGE,
-    SuvError,
-    header_from_dataset,
-    suv_stats,
-    suvbw_factors,
-)
+from corelab.suv import SuvError, header_from_dataset, suv_stats, suvbw_factors
+from corelab.suv_headers import ENHANCED_PET_IMAGE_STORAGE, PET_IMAGE_STORAGE
 
 DATA = Path(__file__).with_name("data")
 VENDOR = DATA / "suv-vendor-headers"

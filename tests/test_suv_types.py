@@ -23,7 +23,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
-from corelab.suv import PET_IMAGE_STORAGE, SuvError, header_from_dataset, suvbw_factors
+from corelab.suv import SuvError, header_from_dataset, suvbw_factors
+from corelab.suv_headers import PET_IMAGE_STORAGE
 
 W_KG, H_CM, SUV_X = 80.0, 180.0, 3.0
 F18_HALF_LIFE_S = 6586.2
@@ -380,8 +381,9 @@ def test_philips_suv_factor_zero_falls_back_to_the_activity_factor():
 
 
 def _write_gml_series(out: Path, **header) -> Path:
-    from corelab.dicomio import PetSeriesHeader, write_pet_series
-    from phantoms.digital import Grid
+    from corelab.grid import Grid
+    from synth.dicom_header import PetSeriesHeader
+    from synth.dicom_writer import write_pet_series
 
     grid = Grid.centred((3, 4, 4), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
     start = dt.datetime(2024, 1, 1, 11, 0, 0)
@@ -442,8 +444,8 @@ def test_cli_suv_json_names_a_missing_height(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory):
-    from phantoms.trial import generate_trial
-    from tests.synth_fixtures import small_spec
+    from synth.spec import small_spec
+    from synth.trial import generate_trial
 
     return generate_trial(tmp_path_factory.mktemp("suv-trial"), small_spec(), seed=7)
 
@@ -453,7 +455,7 @@ def test_dose_in_mbq_series_gets_suv_and_still_its_deviations(trial):
 
     from expectations.header_table import header_row
     from expectations.manual import load_manual, validate
-    from expectations.truth import FINDINGS_OF_PROBLEM
+    from synth.truth import FINDINGS_OF_PROBLEM
     from tests.synth_fixtures import series_files
 
     [problem] = [p for p in trial.problems if p["code"] == "dose_in_mbq"]

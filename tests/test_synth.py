@@ -1,4 +1,4 @@
-"""phantoms.trial: the synthetic trial's files agree with its ground truth, and only there."""
+"""synth.trial: the synthetic trial's files agree with its ground truth, and only there."""
 
 from __future__ import annotations
 
@@ -15,17 +15,11 @@ import yaml
 
 import corelab
 from corelab.dicomio import load_volume
-from phantoms.trial import PROBLEM_CODES, GroundTruth, TrialSpec, generate_trial, visit_activity_bq_ml
-from tests.synth_fixtures import (
-    DCENTVFY,
-    DCIODVFY,
-    dcentvfy_errors,
-    dciodvfy_errors,
-    injection_and_start,
-    series_files,
-    small_spec,
-    tree_digest,
-)
+from synth.problems import GroundTruth
+from synth.spec import PROBLEM_CODES, TrialSpec
+from synth.spec import small_spec
+from synth.trial import generate_trial, visit_activity_bq_ml
+from tests.synth_fixtures import DCENTVFY, DCIODVFY, dcentvfy_errors, dciodvfy_errors, injection_and_start, series_files, tree_digest
 
 SEED = 7
 T_HALF_S = 6586.2

@@ -1,6 +1,6 @@
 """Scoring QC against a synthetic trial's ground truth.
 
-Maps each injected problem of :mod:`phantoms.trial` to what the pipeline must report under the
+Maps each injected problem of :mod:`synth.problems` to what the pipeline must report under the
 example manual (``FDG-RESP-01``): deviation rule ids, or a quarantine reason. The score lists what
 was expected and found, what was missed, and what was found but not injected.
 """
