@@ -1,4 +1,8 @@
-"""Shared helpers for the DICOM I/O and synthetic-trial tests (imported, not a conftest)."""
+"""Shared helpers for the DICOM I/O and synthetic-trial tests (imported, not a conftest).
+
+The ``trial`` and ``headers`` fixtures serve tests/test_synth.py and tests/test_synth_problems.py:
+import them by name (module scope: each test module generates its own trial).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,18 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+import pytest
+
+from synth.problems import GroundTruth
+from synth.spec import small_spec
+from synth.trial import generate_trial
 
 DCIODVFY = shutil.which("dciodvfy")
 DCENTVFY = shutil.which("dcentvfy")
+
+SEED = 7
+SERIES_LEVEL = ("uptake_out_of_window", "missing_weight", "wrong_units", "dose_in_mbq",
+                "patient_name_in_header", "missing_slice")
 
 
 def series_files(outdir: Path, entry: dict) -> list[Path]:
@@ -54,3 +67,15 @@ def injection_and_start(ds: pydicom.Dataset) -> tuple[dt.datetime, dt.datetime]:
     injection = parse_dicom_datetime(inj[:8], inj[8:])
     start = parse_dicom_datetime(ds.SeriesDate, ds.SeriesTime)
     return injection, start
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory) -> GroundTruth:
+    return generate_trial(tmp_path_factory.mktemp("trial"), small_spec(), seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def headers(trial) -> dict[str, list[pydicom.Dataset]]:
+    """Headers of every file, by series UID."""
+    return {s["series_uid"]: [pydicom.dcmread(p, stop_before_pixels=True)
+                              for p in series_files(trial.outdir, s)] for s in trial.series}
