@@ -16,8 +16,6 @@ References
    (IBW, as attributed by the MITK SUV strategies; not checked in the paper).
 .. [5] LBM "Morgan" (SUV Type LBM): coefficients as given in ``pet-qc-facts.md`` section 4; the
    primary publication was not checked.
-.. [6] Vacha et al., SUV computation manual, 2026, CC BY 4.0 (sex O or missing: mean of the male
-   and female values).
 """
 
 from __future__ import annotations

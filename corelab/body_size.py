@@ -18,7 +18,7 @@ Appendix G; DICOM PS3.3 C.8.9.1), with ``W`` the weight in kg and ``H`` the heig
 * ``BSA`` (``bsa_dubois``, Du Bois): 0.007184 H^0.725 W^0.425 in m2, for either sex.
 
 ``BMI = W / (H/100)^2`` (kg/m2). Sex ``"O"`` (other) or unknown (``None``): there is no consensus;
-the mean of the male and female values is used, as in the SUV computation manual [6]_, and the
+the mean of the male and female values is used, as in the SUV computation manual [1]_, and the
 result says so (``sex_used="mean_M_F"``).
 
 :func:`to_suvbw`, :func:`patient_weight_kg` and :func:`from_header` read header values
@@ -30,17 +30,9 @@ naming the attribute, its tag and the fix; a missing sex is not an error (mean o
 
 References
 ----------
-.. [1] James WPT. Research on Obesity. London: HMSO; 1976 (LBMJAMES128).
-.. [2] Janmahasatian S, Duffull SB, Ash S, Ward LC, Byrne NM, Green B. Quantification of lean
-   bodyweight. Clin Pharmacokinet 2005;44(10):1051-1065 (LBMJANMA).
-.. [3] Du Bois D, Du Bois EF. A formula to estimate the approximate surface area if height and
-   weight be known. Arch Intern Med 1916;17:863-871 (BSA).
-.. [4] Sugawara Y, Zasadny KR, Neuhoff AW, Wahl RL. Reevaluation of the standardized uptake value
-   for FDG: variations with body weight and methods for correction. Radiology 1999;213:521-525
-   (IBW, as attributed by the MITK SUV strategies; not checked in the paper).
-.. [5] LBM "Morgan" (SUV Type LBM): coefficients as given in ``pet-qc-facts.md`` section 4; the
-   primary publication was not checked.
-.. [6] Vacha et al., SUV computation manual, 2026, CC BY 4.0 (sex O or missing: mean of the male
+The formulas' sources are listed in :mod:`corelab.body_formulas`.
+
+.. [1] Vacha et al., SUV computation manual, 2026, CC BY 4.0 (sex O or missing: mean of the male
    and female values).
 """
 
