@@ -254,3 +254,64 @@ class AuditEvent(SQLModel, table=True):
     detail: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     prev_hash: str = Field(max_length=64, unique=True)
     hash: str = Field(max_length=64, unique=True)
+
+
+# --- people: portal accounts, API tokens and web sessions -----------------------------------------
+
+Role = Literal["site", "physicist", "trial-manager", "admin"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+
+class User(SQLModel, table=True):
+    """A portal account. ``sites`` scopes a site user; ``trials`` scopes a trial manager.
+
+    No password is stored, only its argon2id hash; an account that logs in only through the
+    institution's OpenID Connect provider has no hash (``password_hash`` empty) and is matched by
+    ``oidc_subject``.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=64, description="login name")
+    full_name: str = Field(default="", description="printed name, shown with an e-signature")
+    role: str = Field(description="one of ROLES")
+    sites: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"),
+                        description="site codes a site user belongs to")
+    trials: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"),
+                         description="trial codes a trial manager reads")
+    password_hash: str = ""
+    oidc_subject: str | None = Field(default=None, unique=True, max_length=255,
+                                     description="issuer|sub of the OpenID Connect identity bound to this account")
+    disabled: bool = False
+    failed_logins: int = Field(default=0, description="consecutive failed logins since the last success")
+    locked_until: datetime | None = None
+    password_changed_at: datetime | None = None
+    last_login_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiToken(SQLModel, table=True):
+    """A machine client's bearer token: only its sha256 is stored (the token is shown once)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    label: str = ""
+    token_sha256: str = Field(max_length=64, unique=True)
+    prefix: str = Field(default="", max_length=16, description="first characters, to recognise a token in a list")
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class WebSession(SQLModel, table=True):
+    """A logged-in browser session, server side: the cookie carries a random key, the table its
+    sha256, so a stolen table does not log anyone in. Issued only at login (no fixation)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_sha256: str = Field(max_length=64, unique=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    csrf_token: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_seen_at: datetime = Field(default_factory=utcnow)
+    ended_at: datetime | None = None
+    via: str = Field(default="password", description="password | oidc")

@@ -93,6 +93,15 @@ class Settings:
     max_object_bytes: int = 512 * 2**20
     max_inflated_bytes: int = 512 * 2**20
     max_zip_members: int = 100_000
+    portal_host: str = "127.0.0.1"
+    portal_port: int = 8080
+    portal_idle_minutes: float = 15.0
+    portal_max_failed_logins: int = 5
+    portal_lockout_minutes: float = 15.0
+    portal_secure_cookies: str = "auto"
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""
     source: dict = field(default_factory=dict, compare=False, repr=False)
 
     # The data directory's layout: derived, never configured separately, so it cannot drift.
@@ -150,8 +159,9 @@ class Settings:
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, Path) else value
         out["database_url"] = _mask_password(self.database_url)
-        if self.smtp_password:
-            out["smtp_password"] = "***"
+        for secret in ("smtp_password", "oidc_client_secret"):
+            if getattr(self, secret):
+                out[secret] = "***"
         return out
 
     def to_file(self, path: Path) -> Path:
@@ -237,7 +247,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             source[key] = "env"
 
     settings = Settings(**values, source=source)
-    for key in ("max_object_bytes", "max_inflated_bytes", "max_zip_members"):
+    if settings.portal_secure_cookies not in ("auto", "always", "never"):
+        raise SettingsError(f"setting 'portal_secure_cookies' is {settings.portal_secure_cookies!r}; "
+                            "use auto, always or never")
+    for key in ("max_object_bytes", "max_inflated_bytes", "max_zip_members", "portal_idle_minutes",
+                "portal_max_failed_logins", "portal_lockout_minutes"):
         if getattr(settings, key) <= 0:
             raise SettingsError(f"setting {key!r} from {source.get(key, 'defaults')} is {getattr(settings, key)}; "
                                 "it must be a positive number: fix or unset it")

@@ -4,7 +4,7 @@ This module holds ``main()`` and the shared parent parser; the commands live by 
 ``flows/cli_admin.py`` (demo, synth, settings, audit), ``flows/cli_series.py`` (register, sites,
 ingest, series, quarantine, deviations), ``flows/cli_node.py`` (receive, serve, watch, alerts),
 ``flows/cli_phantom.py`` (suv, accreditation, phantom) and ``flows/cli_reports.py`` (export,
-queries, waivers, reports, sign). Each command parses its arguments, calls one use case in
+queries, waivers, reports, sign) and ``flows/cli_users.py`` (user accounts, the portal). Each command parses its arguments, calls one use case in
 ``services/`` and prints the result; the shared helpers are in ``flows/cli_common.py``.
 
 Every command opens the store first (creating and migrating the data directory on first use).
@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows import cli_admin, cli_node, cli_phantom, cli_reports, cli_series
+from flows import cli_admin, cli_node, cli_phantom, cli_reports, cli_series, cli_users
 from flows.cli_common import prepare_prefect_env, settings
 
 __all__ = ["build_parser", "main", "prepare_prefect_env"]
 
-COMMAND_GROUPS = (cli_admin, cli_series, cli_node, cli_phantom, cli_reports)
+COMMAND_GROUPS = (cli_admin, cli_series, cli_node, cli_phantom, cli_reports, cli_users)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +56,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from phantoms.localise import PhantomLocalisationError
     from phantoms.fill import FillSheetError
 
-    return (SettingsError, RegisterError, ManualError, FillSheetError, StandardError, DicomVolumeError,
+    return ((SettingsError, RegisterError, ManualError, FillSheetError, StandardError, DicomVolumeError,
             PhantomLocalisationError, FileNotFoundError, CentresFileError) + cli_reports.user_errors()
+            + cli_users.user_errors())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ rendered from it and their content is checked against the stored results.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import email
 import json
 import re
@@ -23,19 +22,12 @@ import pytest
 from PIL import Image
 from sqlmodel import select
 
-from accreditation.evaluate import evaluate_series_folder, record_evaluation
 from corelab import audit
 from corelab.db import session_scope
-from corelab.ingest import ingest_path, series_dir
-from corelab.models import AuditEvent, Deviation, PhantomResult, Report, Scanner, Series, Site
+from corelab.models import AuditEvent, Deviation, PhantomResult, Report, Scanner, Site
 from corelab.queries import deviation_rows
-from corelab.register import load_register
-from corelab.settings import load_settings
-from expectations.manual import load_manual, trial_fields
-from expectations.qc import qc_series_batch, trial_pet_series
-from phantoms.fill import load_fill_sheet
-from synth.spec import small_spec
-from synth.trial import generate_trial
+from expectations.qc import trial_pet_series
+from tests.lab_helpers import build_lab
 
 PDFTOPPM, PDFTOTEXT, PDFIMAGES = shutil.which("pdftoppm"), shutil.which("pdftotext"), shutil.which("pdfimages")
 
@@ -43,30 +35,7 @@ PDFTOPPM, PDFTOTEXT, PDFIMAGES = shutil.which("pdftoppm"), shutil.which("pdftote
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A data directory holding a small synthetic trial: ingested, accredited and checked."""
-    root = tmp_path_factory.mktemp("reports")
-    trial_dir = root / "trial"
-    spec = dataclasses.replace(small_spec(), first_scan_date=(dt.date.today() - dt.timedelta(days=21)).isoformat())
-    for scanner in spec.scanners:
-        if scanner.accredited:
-            scanner.nema_fwhm_mm = 7.5  # inside every EARL1 band at the small spec's 5 mm voxels (measured)
-    generate_trial(trial_dir, spec, seed=2)
-    truth = json.loads((trial_dir / "ground_truth.json").read_text())
-    settings = load_settings({"CORELAB_DATA_DIR": str(root / "corelab-data")})
-    settings.ensure_dirs()
-    code = truth["trial_code"]
-    with session_scope(settings) as session:
-        load_register(session, trial_dir / "register.yaml", trial_fields=trial_fields)
-        for site in ("A01", "B02", "C03"):
-            ingest_path(session, settings, trial_dir / "sites" / site, site_code=site)
-    with session_scope(settings) as session:
-        for series in session.exec(select(Series).where(Series.kind == "phantom", Series.state == "complete")):
-            folder = series_dir(settings, series, session)
-            record_evaluation(session, series, evaluate_series_folder(folder, load_fill_sheet(folder / "fill.yaml")),
-                              scope=code)
-    manual = load_manual(code)
-    with session_scope(settings) as session:
-        qc_series_batch(session, settings, manual, trial_pet_series(session, code, needing_version=manual.version))
-    return settings, truth
+    return build_lab(tmp_path_factory.mktemp("reports"))
 
 
 def _pdf_text(pdf: Path) -> str:
