@@ -280,7 +280,8 @@ class User(SQLModel, table=True):
                          description="trial codes a trial manager reads")
     password_hash: str = ""
     oidc_subject: str | None = Field(default=None, unique=True, max_length=255,
-                                     description="issuer|sub of the OpenID Connect identity bound to this account")
+                                     description="the OpenID Connect `sub` (of the one configured issuer) "
+                                                 "bound to this account")
     disabled: bool = False
     failed_logins: int = Field(default=0, description="consecutive failed logins since the last success")
     locked_until: datetime | None = None

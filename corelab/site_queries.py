@@ -76,8 +76,12 @@ def open_query(session: Session, deviation_id: int, text: str, *, actor: str) ->
     return query
 
 
-def answer_query(session: Session, query_id: int, text: str, *, site_code: str) -> Query:
-    """Record the site's answer; only the site the query was sent to may answer it."""
+def answer_query(session: Session, query_id: int, text: str, *, site_code: str, actor: str | None = None) -> Query:
+    """Record the site's answer; only the site the query was sent to may answer it.
+
+    The thread message is signed by the site (``site_code``); the audit event names ``actor``,
+    the person who answered (a portal user), or the site when no person is known (the CLI).
+    """
     query = _query(session, query_id)
     site = session.get(Site, query.site_id)
     if site is None or site.code != site_code:
@@ -88,7 +92,7 @@ def answer_query(session: Session, query_id: int, text: str, *, site_code: str) 
     query.status, query.updated_at = "answered", utcnow()
     session.add(query)
     session.flush()
-    audit.append(session, actor=site_code, action="query.answer", entity="query", entity_id=query.id,
+    audit.append(session, actor=actor or site_code, action="query.answer", entity="query", entity_id=query.id,
                  detail={"deviation_id": query.deviation_id, "text": text})
     return query
 

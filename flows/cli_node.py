@@ -34,7 +34,8 @@ def cmd_serve(args) -> int:
     from flows.serve import ServeSetupError, serve
 
     try:
-        serve(config, receiver_options(args), only=args.deployment or None, limit=args.limit)
+        serve(config, receiver_options(args), only=args.deployment or None, limit=args.limit,
+              portal=not args.no_portal)
     except ServeSetupError as exc:
         print(f"corelab serve: {exc}", file=sys.stderr)
         return 2
@@ -118,6 +119,8 @@ def add_commands(sub, common) -> None:
     p.add_argument("--deployment", action="append", metavar="NAME",
                    help="serve only this prefect.yaml deployment (repeatable; default: all of them)")
     p.add_argument("--limit", type=int, default=4, help="flow runs at once (default 4)")
+    p.add_argument("--no-portal", action="store_true", help="do not start the web portal (the portal_host and "
+                   "portal_port settings say where it listens)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("alerts", help="loud failures: the Prefect automation that notifies on failed runs")

@@ -4,7 +4,8 @@ The DICOM receiver (:func:`flows.receive.build_receiver` with ``qc="deployment"`
 runner that serves the deployments of ``prefect.yaml`` (same names, parameters, schedules and
 concurrency limits; no worker: the runner itself polls the server for their runs and starts each
 in a subprocess). A completed series is handed to the served ``qc-trial`` /
-``accredit-scanners`` deployment, and the nightly QC runs on its cron schedule.
+``accredit-scanners`` deployment, and the nightly QC runs on its cron schedule. The web portal
+(``portal/``) runs beside them in a thread unless ``--no-portal``.
 
 It needs a Prefect server (``PREFECT_API_URL``): Prefect's ephemeral mode has no scheduler, so
 the nightly QC would silently never run. SIGINT or SIGTERM stops it: the receiver ends its
@@ -71,8 +72,10 @@ def runner_deployments(specs: list[dict]) -> list:
     return out
 
 
-def serve(settings, receiver_options: dict, *, only: list[str] | None = None, limit: int | None = None) -> None:
-    """Register the deployments, start the receiver, run the Prefect runner until a signal stops it."""
+def serve(settings, receiver_options: dict, *, only: list[str] | None = None, limit: int | None = None,
+          portal: bool = True) -> None:
+    """Register the deployments, start the receiver (and the web portal, in a thread), run the
+    Prefect runner until a signal stops it."""
     import asyncio
 
     import httpx
@@ -102,12 +105,18 @@ def serve(settings, receiver_options: dict, *, only: list[str] | None = None, li
             ids.append(await runner.aadd_deployment(deployment))
             LOG.info("serving deployment %s/%s", deployment.flow_name, deployment.name)
         receiver.start()
+        web = None
+        if portal:
+            from portal.serve import start_portal_thread
+
+            web, _thread = start_portal_thread(settings)
         running = None
         try:
             LOG.info("corelab serve: %s listening on port %s; %d deployments served", receiver.config.ae_title,
                      receiver.port, len(deployments))
             print(f"corelab serve: {receiver.config.ae_title} listening on port {receiver.port}; serving "
-                  f"{', '.join(d.name for d in deployments)}", flush=True)
+                  f"{', '.join(d.name for d in deployments)}"
+                  + (f"; portal on http://{settings.portal_host}:{settings.portal_port}/" if portal else ""), flush=True)
             stop = asyncio.Event()
             running = asyncio.create_task(runner.start())
             await asyncio.sleep(0)  # runner.start installs its SIGTERM handler first; ours replace it
@@ -120,6 +129,8 @@ def serve(settings, receiver_options: dict, *, only: list[str] | None = None, li
             LOG.info("corelab serve: stopping")
         finally:
             receiver.stop()  # no new series, no new QC starts
+            if web is not None:
+                web.should_exit = True
             if running is not None and not running.done():
                 await runner.astop()
                 with contextlib.suppress(Exception, asyncio.CancelledError, asyncio.TimeoutError):

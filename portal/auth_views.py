@@ -10,8 +10,8 @@ from fastapi.responses import RedirectResponse
 from corelab import accounts
 from corelab.db import transaction
 from portal.pages import home_of, local_path, page
-from portal.security import (ANY_ROLE, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Ctx, check_login_csrf, end_session,
-                             require, set_cookie, start_session)
+from portal.security import (ANY_ROLE, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Ctx, check_login_csrf, clear_cookie,
+                             end_session, require, set_cookie, start_session)
 
 router = APIRouter()
 
@@ -46,7 +46,7 @@ def login(request: Request, name: str = Form(""), password: str = Form(""), csrf
         return _login_page(request, error=result.message, status_code=401, next_path=local_path(next, ""))
     response = RedirectResponse(local_path(next, "/"), status_code=303)
     set_cookie(response, settings, request, SESSION_COOKIE, key)
-    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    clear_cookie(response, settings, request, LOGIN_CSRF_COOKIE)
     return response
 
 
@@ -55,7 +55,7 @@ def logout(request: Request, ctx: Ctx = Depends(require(*ANY_ROLE))):
     with ctx.db() as session:
         end_session(session, request.cookies.get(SESSION_COOKIE))
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    clear_cookie(response, ctx.settings, request, SESSION_COOKIE)
     return response
 
 

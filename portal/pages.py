@@ -9,7 +9,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from portal.security import Ctx, set_cookie
+from portal.security import Ctx, clear_cookie, set_cookie
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 FLASH_COOKIE = "corelab_flash"
@@ -44,7 +44,7 @@ def page(request: Request, ctx: Ctx | None, template: str, status_code: int = 20
         "ctx": ctx, "scope": ctx.scope if ctx else None, "csrf_token": ctx.csrf_token if ctx else "",
         "flash": urllib.parse.unquote(flash)[:300], **values}, status_code=status_code)
     if flash:
-        response.delete_cookie(FLASH_COOKIE, path="/")
+        clear_cookie(response, request.app.state.settings, request, FLASH_COOKIE)
     return response
 
 

@@ -5,7 +5,7 @@
   so a key planted before login is never authenticated (no session fixation); it ends at
   logout, after ``portal_idle_minutes`` without a request, or when an admin changes the user.
 - **Cookies** are HttpOnly and SameSite=Lax, and Secure when the request came over HTTPS (the
-  ``portal_secure_cookies`` setting).
+  ``portal_secure_cookies`` setting; a TLS proxy on the loopback is believed, see portal/serve.py).
 - **CSRF**: every state-changing request of a browser session must carry the session's token
   (form field ``csrf_token`` or header ``X-CSRF-Token``); the login form uses a double-submit
   cookie. Requests with an API token (``Authorization: Bearer``) send no cookie and need none.
@@ -68,7 +68,9 @@ def _sha256(text: str) -> str:
 
 
 def is_https(request: Request) -> bool:
-    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "") == "https"
+    # Behind a TLS proxy, uvicorn (proxy_headers, trusting only the loopback proxy) has already
+    # turned X-Forwarded-Proto into the scheme; the header itself is not trusted here.
+    return request.url.scheme == "https"
 
 
 def secure_cookies(settings: Settings, request: Request) -> bool:
@@ -80,6 +82,10 @@ def set_cookie(response, settings: Settings, request: Request, name: str, value:
                max_age: int | None = None) -> None:
     response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax", path="/",
                         secure=secure_cookies(settings, request))
+
+
+def clear_cookie(response, settings: Settings, request: Request, name: str) -> None:
+    response.delete_cookie(name, path="/", httponly=True, samesite="lax", secure=secure_cookies(settings, request))
 
 
 def start_session(session: Session, user: User, *, via: str) -> str:
@@ -149,6 +155,7 @@ def require(*roles: str):
         settings: Settings = request.app.state.settings
         engine: Engine = request.app.state.engine
         auth = request.headers.get("authorization", "")
+        found, via = None, ""
         with transaction(engine) as session:
             if auth.lower().startswith("bearer "):
                 user = accounts.user_of_token(session, auth[7:].strip())
@@ -158,18 +165,21 @@ def require(*roles: str):
                 csrf, via = "", "token"
             else:
                 found = _from_session(session, settings, request.cookies.get(SESSION_COOKIE, ""))
-                if found is None:
-                    raise LoginRequired()
-                user, ws = found
-                csrf, via = ws.csrf_token, "session"
-            scope = scope_of(session, user)
-            user_id = user.id
+                if found is not None:
+                    user, ws = found
+                    csrf, via = ws.csrf_token, "session"
+            if found is not None or via == "token":
+                scope = scope_of(session, user)
+                user_id = user.id
+        if via != "token" and found is None:  # raised after the commit: an idle session's end is kept
+            raise LoginRequired()
         if roles and scope.role not in roles:
             raise HTTPException(403, f"this page is for {' or '.join(roles)} users")
         if via == "session" and request.method not in SAFE_METHODS and not await _csrf_ok(request, csrf):
             raise HTTPException(403, "the form's security token is missing or stale: reload the page and try again")
         return Ctx(settings, engine, user_id, scope, csrf, via)
 
+    dependency.roles = roles  # read by the access test, which tries every route with every role
     return dependency
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy import distinct
 from sqlmodel import Session, col, select
 
 from corelab.models import (Deviation, QuarantineItem, Query, Report, Scanner, Series, Site, Study, Subject,
@@ -54,9 +55,9 @@ class Scope:
 def trial_sites(session: Session, trial_codes: list[str]) -> frozenset[str]:
     """Sites with a subject or a series in any of the trials."""
     ids = list(session.exec(select(Trial.id).where(col(Trial.code).in_(trial_codes))))
-    by_subject = session.exec(select(Site.code).join(Subject, Subject.site_id == Site.id)
+    by_subject = session.exec(select(distinct(Site.code)).join(Subject, Subject.site_id == Site.id)
                               .where(col(Subject.trial_id).in_(ids)))
-    by_series = session.exec(select(Site.code).join(Series, Series.site_id == Site.id)
+    by_series = session.exec(select(distinct(Site.code)).join(Series, Series.site_id == Site.id)
                              .where(col(Series.trial_id).in_(ids)))
     return frozenset(by_subject) | frozenset(by_series)
 

@@ -18,9 +18,10 @@ def load_register_file(session: Session, path: Path | str) -> dict:
     return load_register(session, Path(path), trial_fields=trial_fields)
 
 
-def register_site(session: Session, code: str, *, ae_title: str, host: str | None = None, name: str = "") -> dict:
-    """Register a site and the AE title it sends from."""
-    site = add_site(session, code=code, ae_title=ae_title, host=host, name=name or "")
+def register_site(session: Session, code: str, *, ae_title: str, host: str | None = None, name: str = "",
+                  actor: str = "cli") -> dict:
+    """Register a site and the AE title it sends from (or change them); audited as ``site.register``."""
+    site = add_site(session, code=code, ae_title=ae_title, host=host, name=name or "", actor=actor)
     return {"site": site.code, "ae_title": site.ae_title, "host": site.host}
 
 

@@ -12,8 +12,8 @@ def open_query(session: Session, deviation_id: int, text: str, *, actor: str) ->
     return {"query": q.id, "deviation": q.deviation_id, "status": q.status}
 
 
-def answer_query(session: Session, query_id: int, text: str, *, site_code: str) -> dict:
-    q = site_queries.answer_query(session, query_id, text, site_code=site_code)
+def answer_query(session: Session, query_id: int, text: str, *, site_code: str, actor: str | None = None) -> dict:
+    q = site_queries.answer_query(session, query_id, text, site_code=site_code, actor=actor)
     return {"query": q.id, "status": q.status}
 
 

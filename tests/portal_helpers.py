@@ -86,6 +86,14 @@ def build_portal_lab(root: Path) -> PortalLab:
     return PortalLab(settings, truth, trial, _ids_by_site(settings))
 
 
+def planted_identifiers(truth: dict) -> list[str]:
+    """The parts of the patient names planted in headers by the synthetic trial (each at least 3
+    characters): none may ever appear on a page."""
+    names = [str(p["planted_value"]) for p in truth["problems"] if p["code"] == "patient_name_in_header"]
+    assert names, "the test trial plants no patient name: the page checks would prove nothing"
+    return sorted({part for name in names for part in re.split(r"[\^ ]+", name) if len(part) >= 3})
+
+
 def csrf_of(html: str) -> str:
     found = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert found, "the page has no CSRF token"

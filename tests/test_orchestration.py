@@ -245,12 +245,13 @@ def test_corelab_serve_receives_serves_schedules_and_pauses_them_on_sigterm(pref
                and not s["problems"])
     ae = next(s["ae_title"] for s in truth["register"]["sites"] if s["code"] == "B02")
 
-    port = free_port()
+    port, web_port = free_port(), free_port()
     out, err = tmp_path / "serve.out", tmp_path / "serve.err"
     started = time.monotonic()
     with open(out, "w") as fo, open(err, "w") as fe:
         proc = subprocess.Popen([str(BIN / "corelab"), "serve", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--stable-s", "1"], cwd=tmp_path, env=prefect_server.env(**data),
+                                 "--stable-s", "1"], cwd=tmp_path,
+                                env=prefect_server.env(**data, CORELAB_PORTAL_PORT=str(web_port)),
                                 stdout=fo, stderr=fe, start_new_session=True, preexec_fn=_die_with_pytest)
     try:
         def ready() -> bool:
@@ -261,6 +262,9 @@ def test_corelab_serve_receives_serves_schedules_and_pauses_them_on_sigterm(pref
         wait_port(port, 10)
         ready_s = time.monotonic() - started
         assert echoscu(port, aet=ae).returncode == 0
+        wait_port(web_port, 10)  # the portal runs beside the node
+        login_page = httpx.get(f"http://127.0.0.1:{web_port}/login", timeout=10)
+        assert login_page.status_code == 200 and "Log in to the core lab portal" in login_page.text
 
         nightly = prefect_server.deployment(*NIGHTLY)
         assert not nightly["paused"] and nightly["schedules"][0]["schedule"]["cron"] == "30 2 * * *"

@@ -1,0 +1,148 @@
+"""Least privilege, tried: every route of the portal against every role, and every route that
+takes an id against another site's ids.
+
+The routes are read from the application itself, and each route's allowed roles from its
+``require(...)`` dependency, so a new route is tried without touching this test. A route that
+takes no login (the login page, static files) must say so in ``PUBLIC``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from fastapi.routing import APIRoute
+from sqlmodel import select
+
+from corelab.db import session_scope
+from corelab.models import Deviation, QuarantineItem, Query, Report, Series, Site, User
+from portal.app import create_app
+from tests.portal_helpers import build_portal_lab, client_for, csrf_of
+
+PUBLIC = {"/login", "/login/oidc", "/login/oidc/callback"}
+ROLE_USER = {"site": "site-a", "physicist": "phys", "trial-manager": "tm", "admin": "admin"}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    return build_portal_lab(tmp_path_factory.mktemp("access"))
+
+
+@pytest.fixture(scope="module")
+def app(lab):
+    return create_app(lab.settings)
+
+
+@pytest.fixture(scope="module")
+def clients(app):
+    return {role: client_for(app, name) for role, name in ROLE_USER.items()}
+
+
+def _routes(app) -> list[tuple[APIRoute, tuple[str, ...] | None]]:
+    out = []
+    for route in app.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        roles = None
+        for dep in route.dependant.dependencies:
+            roles = getattr(dep.call, "roles", roles)
+        out.append((route, roles))
+    return out
+
+
+def _store_digest(settings) -> str:
+    """A digest of every row a portal change could touch (audit events excluded: reads append them)."""
+    with session_scope(settings) as s:
+        rows = [repr(sorted(r.model_dump().items())) for model in (Deviation, Query, Report, QuarantineItem, Site, User)
+                for r in s.exec(select(model))]
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def _b02_values(lab) -> dict[str, str]:
+    """Path parameters naming objects of site B02 (site-a's neighbour) and of its user."""
+    ids = lab.ids["B02"]
+    return {"series": ids["series"][0], "deviations": ids["deviation"][0], "queries": ids["query"][0],
+            "reports": ids["report"][0], "quarantine": ids["quarantine"][0], "sites": "B02", "trials": lab.trial,
+            "users": "site-b", "tokens": 1}
+
+
+def _fill(path: str, values: dict) -> str:
+    """Put B02's objects into a route's path: the parameter after /<collection>/ names one of it."""
+    parts = path.strip("/").split("/")
+    out = []
+    for i, part in enumerate(parts):
+        if part.startswith("{"):
+            name = part.strip("{}")
+            collection = parts[i - 1] if i else ""
+            value = values.get(collection, {"part": "pdf", "fmt": "csv", "table": "deviations"}.get(name, "1"))
+            out.append(str(value))
+        else:
+            out.append(part)
+    return "/" + "/".join(out)
+
+
+def test_every_route_declares_who_may_use_it(app):
+    for route, roles in _routes(app):
+        if route.path in PUBLIC:
+            continue
+        assert roles is not None, f"{route.path} has no require(...): every page needs a login"
+        assert roles and set(roles) <= set(ROLE_USER), f"{route.path}: unknown roles {roles}"
+
+
+def test_roles_not_allowed_are_refused_on_every_route(app, clients, lab):
+    values = _b02_values(lab)
+    before = _store_digest(lab.settings)
+    tried = 0
+    for route, roles in _routes(app):
+        if route.path in PUBLIC or roles is None:
+            continue
+        url = _fill(route.path, values)
+        for role, client in clients.items():
+            if role in roles:
+                continue
+            for method in route.methods - {"HEAD"}:
+                token = csrf_of(client.get("/account").text)
+                response = client.request(method, url, data={"csrf_token": token, "text": "x", "reason": "x"},
+                                          follow_redirects=False)
+                assert response.status_code in (403, 404), f"{role} {method} {url}: {response.status_code}"
+                tried += 1
+    assert tried > 20
+    assert _store_digest(lab.settings) == before, "a refused request changed the store"
+
+
+def test_a_site_user_never_reaches_another_sites_objects(app, clients, lab):
+    """site-a, with a valid session and CSRF token, asks for every B02 object on every route that
+    site users may use: 404 (or 403), never the data, and nothing changes."""
+    values = _b02_values(lab)
+    client = clients["site"]
+    with session_scope(lab.settings) as s:
+        b02_uids = [x.series_uid for x in s.exec(select(Series).join(Site).where(Site.code == "B02"))]
+    before = _store_digest(lab.settings)
+    tried = 0
+    for route, roles in _routes(app):
+        if roles is None or "site" not in roles or "{" not in route.path:
+            continue
+        url = _fill(route.path, values)
+        for method in route.methods - {"HEAD"}:
+            token = csrf_of(client.get("/account").text)
+            response = client.request(method, url, data={"csrf_token": token, "text": "x", "reason": "x"},
+                                      follow_redirects=False)
+            assert response.status_code in (403, 404), f"site-a {method} {url}: {response.status_code}"
+            assert not any(uid in response.text for uid in b02_uids), f"{url} shows a B02 series UID"
+            tried += 1
+    assert tried >= 5
+    assert _store_digest(lab.settings) == before
+
+
+def test_listings_of_a_site_user_hold_only_their_site(app, clients, lab):
+    client = clients["site"]
+    with session_scope(lab.settings) as s:
+        theirs = {x.series_uid for x in s.exec(select(Series).join(Site).where(Site.code != "A01"))}
+    for route, roles in _routes(app):
+        if roles is None or "site" not in roles or "{" in route.path or "GET" not in route.methods:
+            continue
+        response = client.get(route.path)
+        assert response.status_code in (200, 303, 403, 404), f"{route.path}: {response.status_code}"
+        leaked = [uid for uid in theirs if uid in response.text]
+        assert not leaked, f"{route.path} shows other sites' series: {leaked[:3]}"
+        assert "B02" not in response.text, f"{route.path} names site B02"
