@@ -29,6 +29,13 @@ def print_result(args, data, table_rows=None, columns=None) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def cli_actor() -> str:
+    """Who a command acts as in the audit log: ``cli:<login name>``."""
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
 def settings():
     from corelab.settings import load_settings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flows.cli_common import prepare_prefect_env, print_result, session, settings
+from flows.cli_common import cli_actor, prepare_prefect_env, print_result, session, settings
 from services import intake, lookup
 
 
@@ -85,7 +85,8 @@ def cmd_quarantine_list(args) -> int:
 def cmd_quarantine_release(args) -> int:
     config = settings()
     with session(config) as s:
-        outcome = intake.release_quarantine_item(s, config, args.id, site_code=args.site)
+        outcome = intake.release_quarantine_item(s, config, args.id, site_code=args.site,
+                                                 actor=cli_actor())
     if outcome is None:
         print(f"corelab quarantine release: no open quarantine item {args.id}", file=sys.stderr)
         return 2

@@ -16,11 +16,7 @@ from __future__ import annotations
 import getpass
 import sys
 
-from flows.cli_common import print_result, session, settings
-
-
-def _actor() -> str:
-    return f"cli:{getpass.getuser()}"
+from flows.cli_common import cli_actor, print_result, session, settings
 
 
 def _read_password(args, name: str) -> str:
@@ -41,7 +37,7 @@ def cmd_user_add(args) -> int:
     with session() as s:
         data = accounts.add_user(s, args.name, role=args.role, sites=args.site, trials=args.trial,
                                  full_name=args.full_name or "", password=password, oidc_subject=args.oidc,
-                                 actor=_actor())
+                                 actor=cli_actor())
     print_result(args, data)
     return 0
 
@@ -50,7 +46,7 @@ def cmd_user_change(args) -> int:
     from services import accounts
 
     with session() as s:
-        data = accounts.change_user(s, args.name, actor=_actor(), role=args.role, sites=args.site,
+        data = accounts.change_user(s, args.name, actor=cli_actor(), role=args.role, sites=args.site,
                                     trials=args.trial, full_name=args.full_name, enable=args.enable)
     print_result(args, data)
     return 0
@@ -60,7 +56,7 @@ def cmd_user_disable(args) -> int:
     from services import accounts
 
     with session() as s:
-        print_result(args, accounts.disable_user(s, args.name, actor=_actor()))
+        print_result(args, accounts.disable_user(s, args.name, actor=cli_actor()))
     return 0
 
 
@@ -69,7 +65,7 @@ def cmd_user_reset(args) -> int:
 
     password = _read_password(args, args.name)
     with session() as s:
-        print_result(args, accounts.reset_password(s, args.name, password, actor=_actor()))
+        print_result(args, accounts.reset_password(s, args.name, password, actor=cli_actor()))
     return 0
 
 
@@ -87,7 +83,7 @@ def cmd_user_token(args) -> int:
     from services import accounts
 
     with session() as s:
-        data = accounts.create_token(s, args.name, actor=_actor(), label=args.label or "", days=args.days or None)
+        data = accounts.create_token(s, args.name, actor=cli_actor(), label=args.label or "", days=args.days or None)
     print_result(args, data)
     if not args.json:
         print("(the token is shown only now: store it in the client's secret store)", file=sys.stderr)
@@ -107,7 +103,7 @@ def cmd_user_revoke(args) -> int:
     from services import accounts
 
     with session() as s:
-        print_result(args, accounts.revoke_token(s, args.token_id, actor=_actor()))
+        print_result(args, accounts.revoke_token(s, args.token_id, actor=cli_actor()))
     return 0
 
 

@@ -66,7 +66,7 @@ def _since(value: str | None) -> datetime | None:
 def me(ctx: Ctx = Depends(require(*ANY_ROLE))):
     scope = ctx.scope
     return {"name": scope.user, "full_name": scope.full_name, "role": scope.role,
-            "sites": scope.site_filter(), "trials": None if scope.trials is None else sorted(scope.trials),
+            "sites": scope.site_filter(), "trials": scope.trial_filter(),
             "via": ctx.via}
 
 

@@ -16,11 +16,6 @@ router = APIRouter()
 MANAGERS = ("physicist", "trial-manager")
 
 
-def _trials_of(ctx: Ctx) -> list[str] | None:
-    """A trial manager sees only their trials' deviations; a physicist every trial's."""
-    return None if ctx.scope.trials is None else sorted(ctx.scope.trials)
-
-
 def _page_url(filters: dict, page_no: int, per_page: int) -> str:
     params = {**filters, "page": page_no}
     if per_page != 100:
@@ -35,8 +30,7 @@ def deviations(request: Request, trial: str = "", site: str = "", subject: str =
     filters = {"trial": trial, "site": site, "subject": subject, "visit": visit, "severity": severity,
                "status": status, "rule": rule}
     with ctx.db() as s:
-        data = trial_view.deviation_overview(s, trials=_trials_of(ctx), filters=filters, page=page_no,
-                                             per_page=per_page)
+        data = trial_view.deviation_overview(s, ctx.scope, filters=filters, page=page_no, per_page=per_page)
     n = data["page"]
     return page(request, ctx, "deviations.html", data=data,
                 prev_url=_page_url(data["filters"], n - 1, data["per_page"]) if n > 1 else "",

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from corelab.site_queries import QueryError
 from portal.pages import done, local_path, not_found, page
 from portal.security import READERS, Ctx, require
-from services import review
+from services import intake, review
 from services import worklist as work
 from services.access import may_see, owner
 
@@ -148,14 +148,14 @@ def release(request: Request, item_id: int, ctx: Ctx = Depends(require("physicis
         if not may_see(s, ctx.scope, "quarantine", item_id):
             raise not_found("quarantined object")
         try:
-            outcome = work.release_item(s, ctx.settings, item_id, actor=ctx.scope.user)
+            outcome = intake.release_quarantine_item(s, ctx.settings, item_id, actor=ctx.scope.user)
         except OSError as exc:  # the quarantined bytes are gone from the disk: nothing to check again
             return _problem_page(request, ctx, 409, f"quarantine item {item_id}: its file cannot be read "
                                  f"({exc.strerror or exc}); the site must send the object again")
     if outcome is None:
         raise not_found("open quarantine item")
-    if outcome["status"] == "quarantined":
-        message = f"Item {item_id} is still quarantined ({outcome['reason_code']}): {outcome['reason']}"
+    if outcome.status == "quarantined":
+        message = f"Item {item_id} is still quarantined ({outcome.reason_code or ''}): {outcome.reason or ''}"
     else:
-        message = f"Item {item_id} released and stored ({outcome['status']}) in series {outcome['series_uid']}."
+        message = f"Item {item_id} released and stored ({outcome.status}) in series {outcome.series_uid or ''}."
     return done(request, ctx, "/quarantine", message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import distinct
+from sqlalchemy import and_, distinct, or_
 from sqlmodel import Session, col, select
 
 from corelab.models import (Deviation, QuarantineItem, Query, Report, Scanner, Series, Site, Study, Subject,
@@ -50,6 +50,10 @@ class Scope:
     def site_filter(self) -> list[str] | None:
         """Site codes to restrict a listing to (None: no restriction)."""
         return None if self.sites is None else sorted(self.sites)
+
+    def trial_filter(self) -> list[str] | None:
+        """Trial codes to restrict a listing to (None: no restriction; empty for a site user)."""
+        return None if self.trials is None else sorted(self.trials)
 
 
 def trial_sites(session: Session, trial_codes: list[str]) -> frozenset[str]:
@@ -124,6 +128,29 @@ def may_see(session: Session, scope: Scope, kind: str, obj_id: int) -> bool:
     if scope.role == "trial-manager":
         return scope.sees_trial(trial) if trial is not None else scope.sees_site(site)
     return scope.sees_site(site)
+
+
+def restrict(stmt, scope: Scope, *, site_id, trial_id=None, always_of_a_trial: bool = False):
+    """``stmt`` limited in SQL to the rows ``scope`` may see, by the rule of :func:`may_see`; the one
+    scope filter of the listings (pages and API), so a listing never holds a row its reader could
+    not open by id.
+
+    Parameters
+    ----------
+    site_id, trial_id
+        The columns (in ``stmt``) of the site and trial that own a row; ``trial_id`` None for
+        objects of no trial (a quarantined file, a scanner): a trial manager sees them by site.
+    always_of_a_trial : bool
+        Every row has a trial (deviations, queries: QC judges only trial series), so a trial
+        manager is restricted by trial alone: the same rows as may_see's rule, in a simpler query.
+    """
+    site_ids = select(Site.id).where(col(Site.code).in_(sorted(scope.sites or ())))
+    if scope.role == "trial-manager" and trial_id is not None:
+        in_trials = col(trial_id).in_(select(Trial.id).where(col(Trial.code).in_(sorted(scope.trials or ()))))
+        if always_of_a_trial:
+            return stmt.where(in_trials)
+        return stmt.where(or_(in_trials, and_(col(trial_id).is_(None), col(site_id).in_(site_ids))))
+    return stmt if scope.sites is None else stmt.where(col(site_id).in_(site_ids))
 
 
 def subject_visit(session: Session, series: Series) -> tuple[str, str]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
+from corelab import audit
 from corelab.ingest import ingest_path, release_quarantined
 from corelab.models import QuarantineItem, Site
 from corelab.register import add_site, load_register
@@ -52,9 +53,20 @@ def start_drop_qc(settings: Settings, series_uids: list[str], on_complete=None) 
     return start_qc(engine, ids, on_complete, actor="ingest")
 
 
-def release_quarantine_item(session: Session, settings: Settings, item_id: int, *, site_code: str | None = None):
-    """Check a quarantined object again and store it if it passes; None when there is no open item."""
+def release_quarantine_item(session: Session, settings: Settings, item_id: int, *, site_code: str | None = None,
+                            actor: str = "cli"):
+    """Check a quarantined object again and store it if it passes, audited as ``quarantine.release``
+    (detail: status, series_uid, reason_code, reason; also when it stays quarantined).
+
+    Returns the :class:`corelab.ingest.Outcome` (status ``quarantined`` when it still fails), or
+    None when there is no open item ``item_id`` (nothing is audited then).
+    """
     item = session.get(QuarantineItem, item_id)
     if item is None or item.released_at is not None:
         return None
-    return release_quarantined(session, settings, item, site_code=site_code)
+    outcome = release_quarantined(session, settings, item, site_code=site_code)
+    session.flush()
+    audit.append(session, actor=actor, action="quarantine.release", entity="quarantine", entity_id=item_id,
+                 detail={"status": outcome.status, "series_uid": outcome.series_uid or "",
+                         "reason_code": outcome.reason_code or "", "reason": outcome.reason or ""})
+    return outcome

@@ -67,9 +67,24 @@ def series_state(state: str, qc_state: str, *, unresolved_query: bool, major_ope
     return "evaluable", ""
 
 
-def _flag_sets(session: Session, series_filter) -> tuple[set[int], set[int]]:
-    """Ids of series (among ``series_filter``, a where-clause on Series) with an unresolved query,
-    and with a major deviation still open: two set-based queries."""
+def flag_sets(session: Session, series_filter) -> tuple[set[int], set[int]]:
+    """The two flags :func:`series_state` needs, for many series at once: (ids of series with an
+    unresolved query, ids of series with a major deviation still open).
+
+    Two set-based queries whatever the number of series; every listing that shows the state a site
+    sees (the site grid, the physicist's arrivals) takes its flags from here.
+
+    Parameters
+    ----------
+    series_filter
+        A where-clause on ``Series`` choosing the series to look at, e.g. ``Series.site_id == 3``
+        or ``col(Series.id).in_(ids)``.
+
+    Returns
+    -------
+    tuple of set of int
+        ``(queried, major)``: pass ``unresolved_query=sid in queried, major_open=sid in major``.
+    """
     queried = session.exec(select(Deviation.series_id).distinct()
                            .join(Query, Query.deviation_id == Deviation.id)
                            .join(Series, Deviation.series_id == Series.id)
@@ -113,7 +128,7 @@ def site_grid(session: Session, site_code: str, *, trials: list[str] | None = No
     if trials is not None:
         trial_ids = list(session.exec(select(Trial.id).where(col(Trial.code).in_(trials))))
         in_site = in_site & col(Series.trial_id).in_(trial_ids)
-    queried, major = _flag_sets(session, in_site)
+    queried, major = flag_sets(session, in_site)
     rows = session.exec(
         select(Series.id, Series.modality, Series.description, Series.state, Series.qc_state, Trial.code,
                Subject.pseudonym, Visit.label, Study.study_date)

@@ -1,8 +1,9 @@
 """Read and download use cases of the portal's reports and trial-manager pages.
 
-Every listing is scoped in SQL (the caller passes the user's sites and trials, as
-:func:`services.access.may_see` would judge them), and every file handed out is hashed and
-recorded as an audit event in the caller's transaction (``report.download``, ``export.download``).
+Every listing is scoped in SQL by the user's :class:`~services.access.Scope` (with
+:func:`services.access.restrict`, the rule of :func:`services.access.may_see`), and every file
+handed out is hashed and recorded as an audit event in the caller's transaction
+(``report.download``, ``export.download``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
-from sqlalchemy import and_, case, distinct, func, or_
+from sqlalchemy import and_, case, distinct, func
 from sqlmodel import Session, col, select
 
 from corelab import audit
@@ -22,7 +23,8 @@ from corelab.models import (DEVIATION_STATUSES, AuditEvent, Deviation, Report, S
 from corelab.qcstats import ACTIVE_STATUSES, rate_text
 from corelab.settings import Settings
 from reports.render import KINDS, ReportError, report_files
-from services.access import Scope
+from services import paging
+from services.access import Scope, restrict
 from services.reports import TRIAL_EXPORT_FORMATS, export_trial_tables
 
 REPORT_PARTS = {"html": "text/html; charset=utf-8", "pdf": "application/pdf", "signature": "application/json"}
@@ -42,18 +44,6 @@ class Download:
 
 
 # --- reports ---------------------------------------------------------------------------------------
-
-def _report_scope(query, scope: Scope):
-    """Restrict a Report query as :func:`services.access.may_see` judges one report."""
-    if scope.role == "trial-manager":
-        # A report of a trial counts by its trial; one of no trial by its site.
-        return query.where(or_(col(Trial.code).in_(sorted(scope.trials or ())),
-                               and_(col(Report.trial_id).is_(None),
-                                    col(Site.code).in_(sorted(scope.sites or ())))))
-    if scope.sites is not None:
-        return query.where(col(Site.code).in_(sorted(scope.sites)))
-    return query
-
 
 def _sign_events(session: Session, report_ids: list[int]) -> dict[int, dict]:
     """The ``report.sign`` audit detail of each signed report (where its meaning is recorded)."""
@@ -82,7 +72,7 @@ def report_listing(session: Session, scope: Scope) -> list[dict]:
     """Every report version ``scope`` may see, newest first."""
     query = (select(Report, Site.code, Trial.code).join(Site, Report.site_id == Site.id, isouter=True)
              .join(Trial, Report.trial_id == Trial.id, isouter=True).order_by(col(Report.id).desc()))
-    found = list(session.exec(_report_scope(query, scope)))
+    found = list(session.exec(restrict(query, scope, site_id=Report.site_id, trial_id=Report.trial_id)))
     signs = _sign_events(session, [r.id for r, _, _ in found if r.signed_at])
     return [_report_row(r, site, trial, signs.get(r.id)) for r, site, trial in found]
 
@@ -141,6 +131,7 @@ def _deviation_join(query):
 
 
 def _scoped(query, trials, sites):
+    """``query`` limited to the trial and site codes given (None: any), e.g. a scope narrowed to a choice."""
     if trials is not None:
         query = query.where(col(Trial.code).in_(sorted(trials)))
     if sites is not None:
@@ -148,60 +139,92 @@ def _scoped(query, trials, sites):
     return query
 
 
+DEVIATION_COLUMNS = {
+    "id": Deviation.id, "series_id": Deviation.series_id, "series_uid": Series.series_uid, "trial": Trial.code,
+    "site": Site.code, "subject": Subject.pseudonym, "visit": Visit.label, "rule_id": Deviation.rule_id,
+    "manual_section": Deviation.manual_section, "manual_version": Deviation.manual_version,
+    "severity": Deviation.severity, "expected": Deviation.expected, "observed": Deviation.observed,
+    "status": Deviation.status, "message": Deviation.message}
+"""The fields of a deviation row and the columns they are read from."""
+
 _FILTER_COLUMNS = {"trial": Trial.code, "site": Site.code, "subject": Subject.pseudonym, "visit": Visit.label,
                    "severity": Deviation.severity, "status": Deviation.status, "rule": Deviation.rule_id}
 
 
-def deviation_page(session: Session, *, trials=None, sites=None, filters: dict | None = None, page: int = 1,
-                   per_page: int = 100) -> dict:
-    """One page of deviations (major first, then site, subject, visit, rule), its total and the
-    filter choices.
+DEVIATION_ORDER = {
+    "review": (col(Deviation.severity), col(Site.code), col(Subject.pseudonym), col(Visit.label),
+               col(Deviation.rule_id), col(Deviation.id)),
+    "id": (col(Deviation.id),),
+}
+"""How a deviation listing is ordered: ``review`` (major first, then site, subject, visit, rule) for
+the page; ``id`` (oldest first, so a client paging with ``offset`` misses no new row) for the API."""
+
+
+def _scoped_deviations(query, scope: Scope):
+    # Deviations are only recorded for trial series (expectations.qc.trial_pet_series joins the
+    # trial), so a deviation always has a trial: may_see's "an object of no trial counts by its
+    # site" never applies, and a trial manager simply sees their trials' deviations.
+    return restrict(_deviation_join(query), scope, site_id=Series.site_id, trial_id=Series.trial_id,
+                    always_of_a_trial=True)
+
+
+def deviation_list(session: Session, scope: Scope, *, filters: dict | None = None, limit: int = 100,
+                   offset: int = 0, order: str = "review") -> dict:
+    """The deviations ``scope`` may see (as :func:`services.access.may_see` judges them), filtered,
+    ordered (:data:`DEVIATION_ORDER`) and cut by the database; the one scoped deviation query of
+    the page (:func:`deviation_page`) and the JSON API (:func:`services.api_view.deviation_page`).
 
     Parameters
     ----------
-    trials, sites : iterable of str or None
-        The user's scope (None: every one).
     filters : dict
         trial, site, subject, visit, severity, status, rule: exact values; empty ones are ignored.
-    page, per_page : int
-        1-based page and its size; the page is cut by the database (LIMIT/OFFSET).
+    limit, offset : int
+        The rows to return (limit held to 1..:data:`services.paging.MAX_LIMIT`).
+
+    Returns
+    -------
+    dict
+        ``rows`` (each: id, series_id, series_uid, trial, site, subject, visit, rule_id,
+        manual_section, manual_version, severity, expected, observed, status, message; '' for
+        what a row has none of), ``total`` (rows of every page) and ``filters`` (those applied).
     """
     filters = {k: v for k, v in (filters or {}).items() if k in _FILTER_COLUMNS and v}
+    query = _scoped_deviations(select(*DEVIATION_COLUMNS.values()), scope)
+    for key, value in filters.items():
+        query = query.where(_FILTER_COLUMNS[key] == value)
+    total, found = paging.page(session, query.order_by(*DEVIATION_ORDER[order]), limit=limit, offset=offset)
+    rows = [{k: ("" if v is None else v) for k, v in zip(DEVIATION_COLUMNS, row)} for row in found]
+    return {"rows": rows, "total": total, "filters": filters}
+
+
+def deviation_page(session: Session, scope: Scope, *, filters: dict | None = None, page: int = 1,
+                   per_page: int = 100) -> dict:
+    """One page of :func:`deviation_list` in review order, its total and the filter choices.
+
+    ``page`` is 1-based; one past the last shows the last page. ``per_page`` is held to 1..500.
+    """
     per_page = max(1, min(int(per_page), 500))
-
-    def narrowed(query):
-        query = _scoped(_deviation_join(query), trials, sites)
-        for key, value in filters.items():
-            query = query.where(_FILTER_COLUMNS[key] == value)
-        return query
-
-    total = int(session.exec(narrowed(select(func.count(Deviation.id)))).one())
-    pages = max(1, -(-total // per_page))
-    page = max(1, min(int(page), pages))
-    query = narrowed(select(Deviation.id, Deviation.series_id, Series.series_uid, Trial.code, Site.code,
-                            Subject.pseudonym, Visit.label, Deviation.rule_id, Deviation.manual_section,
-                            Deviation.severity, Deviation.expected, Deviation.observed, Deviation.status))
-    query = query.order_by(col(Deviation.severity), col(Site.code), col(Subject.pseudonym), col(Visit.label),
-                           col(Deviation.rule_id), col(Deviation.id)).offset((page - 1) * per_page).limit(per_page)
-    keys = ("id", "series_id", "series_uid", "trial", "site", "subject", "visit", "rule_id", "manual_section",
-            "severity", "expected", "observed", "status")
-    rows = [{k: ("" if v is None else v) for k, v in zip(keys, row)} for row in session.exec(query)]
-    return {"rows": rows, "total": total, "page": page, "pages": pages, "per_page": per_page,
-            "filters": filters, "choices": _choices(session, trials, sites, filters)}
+    page = max(1, int(page))
+    data = deviation_list(session, scope, filters=filters, limit=per_page, offset=(page - 1) * per_page)
+    pages = max(1, -(-data["total"] // per_page))
+    if page > pages:  # past the end (a filter left fewer rows): the last page
+        page = pages
+        data = deviation_list(session, scope, filters=filters, limit=per_page, offset=(page - 1) * per_page)
+    return {"rows": data["rows"], "total": data["total"], "page": page, "pages": pages, "per_page": per_page,
+            "filters": data["filters"], "choices": _choices(session, scope, data["filters"])}
 
 
-def _choices(session: Session, trials, sites, filters: dict) -> dict[str, list[str] | None]:
+def _choices(session: Session, scope: Scope, filters: dict) -> dict[str, list[str] | None]:
     """Values present in the user's deviations, per filter (one grouped query; severity and
     status are fixed vocabularies). Subjects are listed once a site is chosen, so the list stays
     short on a large trial (None: no list, the page offers a text field)."""
-    combos = session.exec(_scoped(_deviation_join(select(Trial.code, Site.code, Visit.label, Deviation.rule_id)),
-                                  trials, sites).group_by(Trial.code, Site.code, Visit.label, Deviation.rule_id)).all()
+    combos = session.exec(_scoped_deviations(select(Trial.code, Site.code, Visit.label, Deviation.rule_id), scope)
+                          .group_by(Trial.code, Site.code, Visit.label, Deviation.rule_id)).all()
     out: dict[str, list[str] | None] = {
         key: sorted({row[i] for row in combos if row[i]}) for i, key in enumerate(("trial", "site", "visit", "rule"))}
     out.update(severity=list(get_args(Severity)), status=list(DEVIATION_STATUSES), subject=None)
     if filters.get("site"):
-        query = _scoped(_deviation_join(select(distinct(Subject.pseudonym))), trials, sites).where(
-            Site.code == filters["site"])
+        query = _scoped_deviations(select(distinct(Subject.pseudonym)), scope).where(Site.code == filters["site"])
         if filters.get("trial"):
             query = query.where(Trial.code == filters["trial"])
         out["subject"] = sorted(v for v in session.exec(query) if v)
@@ -281,7 +304,6 @@ def export_download(session: Session, settings: Settings, trial_code: str, fmt: 
     return Download(content, path.name, EXPORT_MEDIA[fmt], digest)
 
 
-
 def _narrow(allowed, chosen: str | None):
     """The scope ``allowed`` (None: all) narrowed to the one value ``chosen`` (empty: none chosen)."""
     if not chosen:
@@ -289,11 +311,11 @@ def _narrow(allowed, chosen: str | None):
     return [chosen] if allowed is None or chosen in allowed else []
 
 
-def deviation_overview(session: Session, *, trials=None, filters: dict | None = None, page: int = 1,
+def deviation_overview(session: Session, scope: Scope, *, filters: dict | None = None, page: int = 1,
                        per_page: int = 100) -> dict:
     """:func:`deviation_page` and the :func:`site_rates` of the trial and site chosen in it."""
-    data = deviation_page(session, trials=trials, filters=filters, page=page, per_page=per_page)
+    data = deviation_page(session, scope, filters=filters, page=page, per_page=per_page)
     chosen = data["filters"]
-    data["rates"] = site_rates(session, trials=_narrow(trials, chosen.get("trial")),
+    data["rates"] = site_rates(session, trials=_narrow(scope.trial_filter(), chosen.get("trial")),
                                sites=_narrow(None, chosen.get("site")))
     return data

@@ -14,13 +14,11 @@ from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
 from accreditation.evaluate import WITHHELD
-from corelab import audit
 from corelab.models import (Deviation, PhantomResult, QuarantineItem, Query, Report, Scanner, Series, Site, Trial,
                             utcnow)
-from corelab.settings import Settings
-from services import intake
-from services.access import Scope
-from services.site_view import OPEN_DEVIATION, _flag_sets, series_state
+from services import paging
+from services.access import Scope, restrict
+from services.site_view import OPEN_DEVIATION, flag_sets, series_state
 
 LIMIT = 100
 """Rows shown per worklist section; the rest is counted ("and N more")."""
@@ -32,10 +30,6 @@ def _section(rows: list[dict], total: int) -> dict:
     return {"rows": rows, "total": total, "more": max(0, total - len(rows))}
 
 
-def _count(session: Session, stmt) -> int:
-    return session.exec(select(func.count()).select_from(stmt.subquery())).one()
-
-
 def _arrivals(session: Session, since: datetime, limit: int) -> dict:
     stmt = (select(Series.id, Series.series_uid, Series.kind, Series.modality, Series.state, Series.qc_state,
                    Series.received_at, Site.code)
@@ -45,11 +39,11 @@ def _arrivals(session: Session, since: datetime, limit: int) -> dict:
             for i, uid, kind, mod, state, qc, at, site in
             session.exec(stmt.order_by(col(Series.received_at).desc(), col(Series.id).desc()).limit(limit))]
     if rows:  # the state a site sees, by the portal's one rule, from two queries over the rows shown
-        queried, major = _flag_sets(session, col(Series.id).in_([r["id"] for r in rows]))
+        queried, major = flag_sets(session, col(Series.id).in_([r["id"] for r in rows]))
         for r in rows:
             r["display_state"], r["note"] = series_state(r["state"], r["qc_state"], unresolved_query=r["id"] in queried,
                                                          major_open=r["id"] in major)
-    return _section(rows, _count(session, stmt))
+    return _section(rows, paging.count(session, stmt))
 
 
 def _failed_qc(session: Session, limit: int) -> dict:
@@ -72,7 +66,7 @@ def _failed_qc(session: Session, limit: int) -> dict:
                 .where(col(Deviation.series_id).in_(list(by_id)), Deviation.severity == "major",
                        col(Deviation.status).in_(OPEN_DEVIATION)).order_by(col(Deviation.rule_id))):
             by_id[series_id]["deviations"].append({"id": dev_id, "rule_id": rule, "status": status})
-    return _section(rows, _count(session, stmt))
+    return _section(rows, paging.count(session, stmt))
 
 
 def _withheld(session: Session, limit: int) -> dict:
@@ -91,7 +85,7 @@ def _withheld(session: Session, limit: int) -> dict:
                      "kind": result.kind, "standard": result.standard, "analysed_at": result.analysed_at,
                      "details": withheld.get("details") or [withheld.get("reason", "localisation uncertain")],
                      "action": withheld.get("action", "")})
-    return _section(rows, _count(session, stmt))
+    return _section(rows, paging.count(session, stmt))
 
 
 def _quarantine_by_site(session: Session) -> dict:
@@ -112,7 +106,7 @@ def _answered(session: Session, limit: int) -> dict:
         thread = list(q.thread or [])
         rows.append({"id": q.id, "site": site, "rule_id": rule, "severity": severity, "series_id": series_id,
                      "answered_at": q.updated_at, "answer": thread[-1]["text"] if thread else ""})
-    return _section(rows, _count(session, stmt))
+    return _section(rows, paging.count(session, stmt))
 
 
 def _unsigned(session: Session, limit: int) -> dict:
@@ -124,7 +118,7 @@ def _unsigned(session: Session, limit: int) -> dict:
     rows = [{"id": i, "kind": kind, "version": v, "created_at": at, "site": site or "", "trial": trial or ""}
             for i, kind, v, at, site, trial in
             session.exec(stmt.order_by(col(Report.created_at).desc(), col(Report.id).desc()).limit(limit))]
-    return _section(rows, _count(session, stmt))
+    return _section(rows, paging.count(session, stmt))
 
 
 def worklist(session: Session, *, today: date | None = None, limit: int = LIMIT) -> dict:
@@ -151,20 +145,12 @@ def worklist(session: Session, *, today: date | None = None, limit: int = LIMIT)
             "unsigned": _unsigned(session, limit)}
 
 
-def _scoped_queries(stmt, scope: Scope):
-    """Restrict a statement over Query/Site/Series to what ``scope`` may see, as may_see does."""
-    if scope.role == "trial-manager":
-        return stmt.where(col(Trial.code).in_(sorted(scope.trials or ())))
-    sites = scope.site_filter()
-    return stmt if sites is None else stmt.where(col(Site.code).in_(sites))
-
-
 def query_list(session: Session, scope: Scope, *, limit: int = 200) -> dict:
     """The queries ``scope`` may see, open first then answered then resolved, newest first."""
     stmt = (select(Query, Site.code, Deviation.rule_id, Deviation.severity, Deviation.series_id, Series.series_uid)
             .join(Site, Query.site_id == Site.id).join(Deviation, Query.deviation_id == Deviation.id)
-            .join(Series, Deviation.series_id == Series.id).join(Trial, Series.trial_id == Trial.id, isouter=True))
-    stmt = _scoped_queries(stmt, scope)
+            .join(Series, Deviation.series_id == Series.id))
+    stmt = restrict(stmt, scope, site_id=Query.site_id, trial_id=Series.trial_id)
     order = case((Query.status == "open", 0), (Query.status == "answered", 1), else_=2)
     rows = []
     for q, site, rule, severity, series_id, uid in session.exec(
@@ -174,7 +160,7 @@ def query_list(session: Session, scope: Scope, *, limit: int = 200) -> dict:
                      "series_id": series_id, "series_uid": uid, "updated_at": q.updated_at,
                      "question": thread[0]["text"] if thread else "", "last": thread[-1] if thread else None,
                      "messages": len(thread)})
-    return _section(rows, _count(session, stmt))
+    return _section(rows, paging.count(session, stmt))
 
 
 def query_thread(session: Session, query_id: int) -> dict | None:
@@ -207,9 +193,7 @@ def quarantine_groups(session: Session, scope: Scope, *, limit: int = QUARANTINE
     """
     stmt = (select(QuarantineItem, Site.code).join(Site, QuarantineItem.site_id == Site.id, isouter=True)
             .where(col(QuarantineItem.released_at).is_(None)))
-    sites = scope.site_filter()
-    if sites is not None:
-        stmt = stmt.where(col(Site.code).in_(sites))
+    stmt = restrict(stmt, scope, site_id=QuarantineItem.site_id)
     groups: dict[str, dict[str, list]] = {}
     # The newest items make the page; they are then grouped by site and series.
     newest = session.exec(stmt.order_by(col(QuarantineItem.received_at).desc(), col(QuarantineItem.id).desc())
@@ -221,22 +205,5 @@ def quarantine_groups(session: Session, scope: Scope, *, limit: int = QUARANTINE
     out = [{"site": site, "count": sum(len(v) for v in series.values()),
             "series": [{"series_uid": uid, "items": items} for uid, items in series.items()]}
            for site, series in groups.items()]
-    total = _count(session, stmt)
+    total = paging.count(session, stmt)
     return {"sites": out, "total": total, "more": max(0, total - sum(g["count"] for g in out))}
-
-
-def release_item(session: Session, settings: Settings, item_id: int, *, actor: str) -> dict | None:
-    """Check a quarantined object again (see :func:`services.intake.release_quarantine_item`), audited.
-
-    Returns ``{"id", "status", "series_uid", "reason_code", "reason"}`` (status ``quarantined`` when
-    it still fails), or None when there is no open item ``item_id``.
-    """
-    outcome = intake.release_quarantine_item(session, settings, item_id)
-    if outcome is None:
-        return None
-    data = {"id": item_id, "status": outcome.status, "series_uid": outcome.series_uid or "",
-            "reason_code": outcome.reason_code or "", "reason": outcome.reason or ""}
-    session.flush()
-    audit.append(session, actor=actor, action="quarantine.release", entity="quarantine", entity_id=item_id,
-                 detail={k: v for k, v in data.items() if k != "id"})
-    return data

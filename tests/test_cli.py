@@ -79,6 +79,25 @@ def test_ingest_series_quarantine_and_audit(cli, tmp_path):
     held, _ = cli("quarantine", "list", "--json")
     assert any(h["reason_code"] == "not_dicom" and h["source"].startswith("object #")
                and "junk.txt" not in json.dumps(h) for h in held)
+    # Releasing it again checks it again: still not DICOM, so it stays, and the try is audited
+    # with the login name, as the portal's release is with the user's.
+    junk = next(h["id"] for h in held if h["reason_code"] == "not_dicom")
+    released, _ = cli("quarantine", "release", str(junk), "--json", expect=1)
+    assert released["status"] == "quarantined"
+    cli("quarantine", "release", "999999", expect=2)
+    import getpass
+
+    from sqlmodel import select
+
+    from corelab.db import session_scope
+    from corelab.models import AuditEvent
+    from corelab.settings import load_settings
+
+    with session_scope(load_settings()) as s:
+        events = [(e.actor, e.entity_id, e.detail) for e in s.exec(
+            select(AuditEvent).where(AuditEvent.action == "quarantine.release"))]
+    assert [(actor, entity_id) for actor, entity_id, _ in events] == [(f"cli:{getpass.getuser()}", str(junk))]
+    assert events[0][2]["status"] == "quarantined" and events[0][2]["reason_code"] == "not_dicom"
     audit, _ = cli("audit", "verify", "--json")
     assert audit["intact"] is True and audit["problems"] == []
 
