@@ -3,7 +3,8 @@
 A browser session works too, but then a POST must carry the session's ``X-CSRF-Token`` header.
 Every listing is scoped in SQL as the pages are (``services.api_view``) and paginated with
 ``limit`` (at most 1000) and ``offset``; an object addressed by id that the caller may not see
-answers 404, exactly as one that does not exist.
+answers 404, exactly as one that does not exist. The listings are for the users of trial data
+(site, physicist, trial manager); an admin manages accounts and sites, not trial data.
 
     GET  /api/v1/me                     who the token belongs to, and what it may see
     GET  /api/v1/series                 ?since=ISO-datetime&limit&offset
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from corelab.site_queries import QueryError
 from portal.pages import not_found
-from portal.security import ANY_ROLE, Ctx, require
+from portal.security import ANY_ROLE, READERS, Ctx, require
 from services import api_view, review
 from services.access import may_see, owner
 
@@ -72,7 +73,7 @@ def me(ctx: Ctx = Depends(require(*ANY_ROLE))):
 
 @router.get("/series")
 def series(since: str | None = Param(None, max_length=40), limit: int = Limit, offset: int = Offset,
-           ctx: Ctx = Depends(require(*ANY_ROLE))):
+           ctx: Ctx = Depends(require(*READERS))):
     when = _since(since)
     with ctx.db() as s:
         return api_view.series_page(s, ctx.scope, since=when, limit=limit, offset=offset)
@@ -80,7 +81,7 @@ def series(since: str | None = Param(None, max_length=40), limit: int = Limit, o
 
 @router.get("/deviations")
 def deviations(site: str | None = Code, status: str | None = Code, severity: str | None = Code,
-               limit: int = Limit, offset: int = Offset, ctx: Ctx = Depends(require(*ANY_ROLE))):
+               limit: int = Limit, offset: int = Offset, ctx: Ctx = Depends(require(*READERS))):
     with ctx.db() as s:
         return api_view.deviation_page(s, ctx.scope, site=site, status=status, severity=severity,
                                        limit=limit, offset=offset)
@@ -88,7 +89,7 @@ def deviations(site: str | None = Code, status: str | None = Code, severity: str
 
 @router.get("/queries")
 def queries(open_only: bool = False, limit: int = Limit, offset: int = Offset,
-            ctx: Ctx = Depends(require(*ANY_ROLE))):
+            ctx: Ctx = Depends(require(*READERS))):
     with ctx.db() as s:
         return api_view.query_page(s, ctx.scope, open_only=open_only, limit=limit, offset=offset)
 
@@ -108,6 +109,6 @@ def answer(query_id: int, body: AnswerBody, ctx: Ctx = Depends(require("site")))
 
 @router.get("/reports")
 def reports(kind: str | None = Code, limit: int = Limit, offset: int = Offset,
-            ctx: Ctx = Depends(require(*ANY_ROLE))):
+            ctx: Ctx = Depends(require(*READERS))):
     with ctx.db() as s:
         return api_view.report_page(s, ctx.scope, kind=kind, limit=limit, offset=offset)

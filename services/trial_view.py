@@ -58,14 +58,12 @@ def _sign_events(session: Session, report_ids: list[int]) -> dict[int, dict]:
 def _report_row(report: Report, site: str | None, trial: str | None, signed: dict | None) -> dict:
     parts = report.path.split("/")
     meaning = (signed or {}).get("meaning", SIGN_MEANING)
-    status = (f"signed by {report.signed_by} at {report.signed_at:%Y-%m-%d %H:%M UTC} — {meaning}"
-              if report.signed_at else "awaiting signature")
     return {"id": report.id, "kind": report.kind, "kind_title": KINDS.get(report.kind, report.kind),
             "key": parts[2] if len(parts) > 3 else "", "version": report.version, "site": site or "",
             "trial": trial or "", "created_at": report.created_at, "replaces_id": report.replaces_id,
             "sha256": report.sha256, "signed": report.signed_at is not None, "signed_by": report.signed_by or "",
             "signed_at": report.signed_at, "meaning": meaning if report.signed_at else "",
-            "reason": (signed or {}).get("reason", ""), "signature_status": status}
+            "reason": (signed or {}).get("reason", "")}
 
 
 def report_listing(session: Session, scope: Scope) -> list[dict]:
