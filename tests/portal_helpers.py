@@ -11,16 +11,20 @@ Users (password ``PASSWORD`` for all):
 
 from __future__ import annotations
 
+import atexit
+import copy
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 from sqlmodel import select
 
-from corelab.db import session_scope
+from corelab.db import get_engine, session_scope
 from corelab.models import Deviation, Report, Series, Site
-from corelab.settings import Settings
+from corelab.settings import Settings, load_settings
 from services import accounts, reports, review
 from tests.lab_helpers import build_lab
 
@@ -61,7 +65,28 @@ def _ids_by_site(settings: Settings) -> dict:
     return out
 
 
+_TEMPLATE: dict[str, PortalLab] = {}
+
+
 def build_portal_lab(root: Path) -> PortalLab:
+    """A copy, in ``root``, of the portal lab (see :func:`make_portal_lab`).
+
+    The lab is built once per test process and its data directory copied for each test module
+    (paths in the store are relative to the data directory), so each module may change its own
+    copy freely and the 17 s build is paid once.
+    """
+    if "lab" not in _TEMPLATE:
+        base = Path(tempfile.mkdtemp(prefix="corelab-portal-lab-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        _TEMPLATE["lab"] = make_portal_lab(base)
+        get_engine(_TEMPLATE["lab"].settings).dispose()  # SQLite checkpoints its WAL: the copy is whole
+    template = _TEMPLATE["lab"]
+    shutil.copytree(template.settings.data_dir, root / "corelab-data")
+    settings = load_settings({"CORELAB_DATA_DIR": str(root / "corelab-data")})
+    return PortalLab(settings, copy.deepcopy(template.truth), template.trial, copy.deepcopy(template.ids))
+
+
+def make_portal_lab(root: Path) -> PortalLab:
     """The lab, its reports published (site QC of A01 and B02, accreditation of every scanner, the
     trial deviation report), one query open at each of A01 and B02, and the users above."""
     settings, truth = build_lab(root)

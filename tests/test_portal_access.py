@@ -17,7 +17,7 @@ from sqlmodel import select
 from corelab.db import session_scope
 from corelab.models import Deviation, QuarantineItem, Query, Report, Series, Site, User
 from portal.app import create_app
-from tests.portal_helpers import build_portal_lab, client_for, csrf_of
+from tests.portal_helpers import build_portal_lab, client_for, csrf_of, planted_identifiers
 
 PUBLIC = {"/login", "/login/oidc", "/login/oidc/callback"}
 ROLE_USER = {"site": "site-a", "physicist": "phys", "trial-manager": "tm", "admin": "admin"}
@@ -160,3 +160,28 @@ def test_listings_of_a_site_user_hold_only_their_site(app, clients, lab):
         leaked = [uid for uid in theirs if uid in response.text]
         assert not leaked, f"{route.path} shows other sites' series: {leaked[:3]}"
         assert "B02" not in response.text, f"{route.path} names site B02"
+
+
+def _own_values(lab) -> dict:
+    """Path parameters naming objects of site A01 (site-a's own), so that every page renders."""
+    ids = lab.ids["A01"]
+    return {"series": ids["series"][0], "deviations": ids["deviation"][0], "queries": ids["query"][0],
+            "reports": ids["report"][0], "quarantine": 1, "sites": "A01", "trials": lab.trial,
+            "users": "site-a", "tokens": 1}
+
+
+def test_no_patient_identifier_on_any_page(app, clients, lab):
+    """Every page (each GET route, as each role allowed it, on site A01's objects) is searched for
+    the patient name the synthetic trial planted in a header."""
+    names = planted_identifiers(lab.truth)
+    shown = 0
+    for route, roles in _routes(app):
+        if roles is None or "GET" not in route.methods:
+            continue
+        url = _fill(route.path, _own_values(lab))
+        for role in roles:
+            response = clients[role].get(url, follow_redirects=True)
+            text = response.text.upper()
+            assert not any(name in text for name in names), f"{role} {url} shows a planted patient name"
+            shown += response.status_code == 200
+    assert shown > 40, "too few pages rendered for the search to mean anything"

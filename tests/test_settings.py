@@ -34,13 +34,16 @@ def test_file_then_env_precedence(tmp_path):
 
 def test_explicit_settings_file(tmp_path):
     f = tmp_path / "site.toml"
-    f.write_text('database_url = "postgresql+psycopg://lab:secret@db/corelab"\n')
+    f.write_text('database_url = "postgresql+psycopg://lab:pw-7f3q@db/corelab"\noidc_client_secret = "oidc-9x2k"\n')
     s = load_settings({"CORELAB_SETTINGS_FILE": str(f)})
     assert s.database_url.startswith("postgresql+psycopg://")
     assert s.database_path is None
-    assert "secret" not in str(s.as_dict()) and "lab:***@db" in s.as_dict()["database_url"]
+    for secret in ("pw-7f3q", "oidc-9x2k"):
+        assert secret not in str(s.as_dict())
+    assert "lab:***@db" in s.as_dict()["database_url"] and s.as_dict()["oidc_client_secret"] == "***"
     out = s.to_file(tmp_path / "used.toml")
-    assert "secret" not in out.read_text() and "dicom_port = 11112" in out.read_text()
+    assert "pw-7f3q" not in out.read_text() and "oidc-9x2k" not in out.read_text()
+    assert "dicom_port = 11112" in out.read_text()
 
 
 @pytest.mark.parametrize("env, needle", [
