@@ -138,7 +138,8 @@ def change_user(session: Session, name: str, *, actor: str, role: str | None = N
     """Change a user's role, scope or printed name, or enable a disabled account; their
     sessions end, so the new rights apply at the next login."""
     user = _require_user(session, name)
-    before = {"role": user.role, "sites": list(user.sites), "trials": list(user.trials), "disabled": user.disabled}
+    before = {"role": user.role, "sites": list(user.sites), "trials": list(user.trials), "disabled": user.disabled,
+              "full_name": user.full_name}
     new_role = role or user.role
     new_sites = sorted(set(sites)) if sites is not None else ([] if new_role != "site" else list(user.sites))
     new_trials = sorted(set(trials)) if trials is not None else (
@@ -152,8 +153,9 @@ def change_user(session: Session, name: str, *, actor: str, role: str | None = N
     session.add(user)
     ended = end_sessions(session, user)
     audit.append(session, actor=actor, action="user.change", entity="user", entity_id=user.id,
-                 detail={"name": name, "before": before, "after": {"role": user.role, "sites": user.sites,
-                                                                    "trials": user.trials, "disabled": user.disabled},
+                 detail={"name": name, "before": before,
+                         "after": {"role": user.role, "sites": user.sites, "trials": user.trials,
+                                   "disabled": user.disabled, "full_name": user.full_name},
                          "sessions_ended": ended})
     return user
 
@@ -177,9 +179,19 @@ def reset_password(session: Session, name: str, password: str, *, actor: str) ->
     user.failed_logins, user.locked_until = 0, None
     session.add(user)
     ended = end_sessions(session, user)
+    revoked = _revoke_all_tokens(session, user)  # a token made in a stolen session dies with the password
     audit.append(session, actor=actor, action="user.reset", entity="user", entity_id=user.id,
-                 detail={"name": name, "sessions_ended": ended})
+                 detail={"name": name, "sessions_ended": ended, "tokens_revoked": revoked})
     return user
+
+
+def _revoke_all_tokens(session: Session, user: User) -> list[int]:
+    now, ids = utcnow(), []
+    for row in session.exec(select(ApiToken).where(ApiToken.user_id == user.id, col(ApiToken.revoked_at).is_(None))):
+        row.revoked_at = now
+        session.add(row)
+        ids.append(row.id)
+    return ids
 
 
 def end_sessions(session: Session, user: User) -> int:
@@ -207,35 +219,29 @@ def authenticate(session: Session, name: str, password: str, *, max_failed: int,
     """
     now = utcnow()
     user = get_user(session, name) if NAME_PATTERN.match(name or "") else None
-    shown_name = name if NAME_PATTERN.match(name or "") else "(not a user name)"
     ok = _password_ok(user, password)
-    generic = "wrong name or password"
+    # One message for every refusal, so that a stranger learns nothing about which names exist
+    # or are locked; the audit log keeps the reason.
+    generic = (f"wrong name or password, or the account is locked or disabled (after {max_failed} failed "
+               f"logins in a row an account is locked for {lockout_minutes:g} minutes; the core lab can "
+               "unlock it)")
     if user is None:
-        audit.append(session, actor=shown_name, action="login.failure", entity="user",
+        # Not the typed name: it may be a password typed into the wrong box.
+        audit.append(session, actor="(unknown user)", action="login.failure", entity="user",
                      detail={"reason": "unknown user", "source": source})
         return LoginResult(None, "unknown user", generic)
     if user.disabled:
         audit.append(session, actor=user.name, action="login.failure", entity="user", entity_id=user.id,
                      detail={"reason": "disabled", "source": source})
-        return LoginResult(None, "disabled", "this account is disabled; ask the core lab")
+        return LoginResult(None, "disabled", generic)
     if _locked(user, now):
         audit.append(session, actor=user.name, action="login.failure", entity="user", entity_id=user.id,
                      detail={"reason": "locked", "source": source})
-        return LoginResult(None, "locked", "too many failed logins: this account is locked for a while, "
-                                           "or until the core lab resets it")
+        return LoginResult(None, "locked", generic)
     if not ok:
-        user.failed_logins += 1
-        reason = "wrong password"
-        if user.failed_logins >= max_failed:
-            user.locked_until = now + timedelta(minutes=lockout_minutes)
-            audit.append(session, actor=user.name, action="login.lockout", entity="user", entity_id=user.id,
-                         detail={"failed_logins": user.failed_logins, "until": user.locked_until.isoformat(),
-                                 "source": source})
-        else:
-            audit.append(session, actor=user.name, action="login.failure", entity="user", entity_id=user.id,
-                         detail={"reason": reason, "failed_logins": user.failed_logins, "source": source})
-        session.add(user)
-        return LoginResult(None, reason, generic)
+        _count_failure(session, user, max_failed=max_failed, lockout_minutes=lockout_minutes, source=source,
+                       action="login.failure")
+        return LoginResult(None, "wrong password", generic)
     user.failed_logins, user.locked_until, user.last_login_at = 0, None, now
     session.add(user)
     audit.append(session, actor=user.name, action="login.success", entity="user", entity_id=user.id,
@@ -243,16 +249,41 @@ def authenticate(session: Session, name: str, password: str, *, max_failed: int,
     return LoginResult(user, "ok", "")
 
 
-def verify_password_again(session: Session, user: User, password: str, *, purpose: str) -> bool:
-    """Re-authentication inside a session (an e-signature's second component): the password
-    must be the user's own. A failure is audited and counts towards the lock-out."""
-    ok = not user.disabled and _password_ok(user, password)
-    if not ok:
-        user.failed_logins += 1
-        session.add(user)
-    audit.append(session, actor=user.name, action="reauth.success" if ok else "reauth.failure", entity="user",
-                 entity_id=user.id, detail={"purpose": purpose})
-    return ok
+def _count_failure(session: Session, user: User, *, max_failed: int, lockout_minutes: float, source: str,
+                   action: str, detail: dict | None = None) -> None:
+    """One more failed password: audited, and the account locked at ``max_failed`` in a row."""
+    user.failed_logins += 1
+    if user.failed_logins >= max_failed:
+        user.locked_until = utcnow() + timedelta(minutes=lockout_minutes)
+        audit.append(session, actor=user.name, action="login.lockout", entity="user", entity_id=user.id,
+                     detail={"failed_logins": user.failed_logins, "until": user.locked_until.isoformat(),
+                             "source": source, **(detail or {})})
+    else:
+        audit.append(session, actor=user.name, action=action, entity="user", entity_id=user.id,
+                     detail={"reason": "wrong password", "failed_logins": user.failed_logins, "source": source,
+                             **(detail or {})})
+    session.add(user)
+
+
+def verify_password_again(session: Session, user: User, password: str, *, purpose: str, max_failed: int,
+                          lockout_minutes: float) -> bool:
+    """Re-authentication inside a session (an e-signature's second component, a new API token):
+    the password must be the user's own, and the account neither disabled nor locked. A failure
+    is audited and counts towards the lock-out, as a failed login does, so a session left open
+    cannot be used to guess the password."""
+    if user.disabled or _locked(user, utcnow()):
+        audit.append(session, actor=user.name, action="reauth.failure", entity="user", entity_id=user.id,
+                     detail={"purpose": purpose, "reason": "disabled" if user.disabled else "locked"})
+        return False
+    if not _password_ok(user, password):
+        _count_failure(session, user, max_failed=max_failed, lockout_minutes=lockout_minutes, source="",
+                       action="reauth.failure", detail={"purpose": purpose})
+        return False
+    user.failed_logins = 0
+    session.add(user)
+    audit.append(session, actor=user.name, action="reauth.success", entity="user", entity_id=user.id,
+                 detail={"purpose": purpose})
+    return True
 
 
 def oidc_login(session: Session, subject: str, *, source: str = "") -> LoginResult:
@@ -271,7 +302,7 @@ def oidc_login(session: Session, subject: str, *, source: str = "") -> LoginResu
     return LoginResult(user, "ok", "")
 
 
-def _sha256(text: str) -> str:
+def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -280,7 +311,7 @@ def create_token(session: Session, name: str, *, label: str = "", days: int | No
     """A new API token for ``name``: returns the token (shown once, never stored) and its row."""
     user = _require_user(session, name)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = ApiToken(user_id=user.id, label=label, token_sha256=_sha256(token), prefix=token[:10],
+    row = ApiToken(user_id=user.id, label=label, token_sha256=sha256_hex(token), prefix=token[:10],
                    expires_at=utcnow() + timedelta(days=days) if days else None)
     session.add(row)
     session.flush()
@@ -305,7 +336,7 @@ def user_of_token(session: Session, token: str) -> User | None:
     """The active user an API token belongs to, or None (unknown, revoked, expired, disabled)."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
         return None
-    row = session.exec(select(ApiToken).where(ApiToken.token_sha256 == _sha256(token))).first()
+    row = session.exec(select(ApiToken).where(ApiToken.token_sha256 == sha256_hex(token))).first()
     now = utcnow()
     if row is None or row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
         return None

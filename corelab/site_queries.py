@@ -17,7 +17,11 @@ from sqlmodel import Session, col, select
 from corelab import audit
 from corelab.models import Deviation, Query, Series, Site, utcnow
 
-__all__ = ["QueryError", "open_query", "answer_query", "resolve_query", "waive_deviation", "query_rows"]
+__all__ = ["MAX_TEXT", "QueryError", "open_query", "answer_query", "resolve_query", "waive_deviation", "query_rows"]
+
+
+MAX_TEXT = 4000
+"""Longest message of a query thread or waiver reason, in characters (pages and API alike)."""
 
 
 class QueryError(ValueError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 
-from corelab.accounts import AccountError
+from corelab.accounts import AccountError, verify_password_again
 from corelab.register import RegisterError
 from portal.pages import done, not_found, page
 from portal.security import ANY_ROLE, Ctx, require
@@ -148,12 +148,20 @@ def account(request: Request, ctx: Ctx = Depends(require(*ANY_ROLE))):
 
 @router.post("/account/tokens")
 def create_token(request: Request, ctx: Ctx = Depends(require(*ANY_ROLE)), label: str = Form("", max_length=100),
-                 days: int = Form(90, ge=1, le=365)):
+                 days: int = Form(90, ge=1, le=365), password: str = Form("", max_length=1024)):
     if ctx.via != "session":
         # A leaked token must not mint tokens that outlive its revocation.
         raise HTTPException(403, "create API tokens in a browser session, not with a token")
     with ctx.db() as s:
-        created = accounts.create_token(s, ctx.scope.user, label=label.strip(), days=days, actor=ctx.scope.user)
+        # The password again: a session left open (or stolen) must not become a long-lived token.
+        ok = verify_password_again(s, ctx.user(s), password, purpose="create API token",
+                                   max_failed=ctx.settings.portal_max_failed_logins,
+                                   lockout_minutes=ctx.settings.portal_lockout_minutes)
+        created = accounts.create_token(s, ctx.scope.user, label=label.strip(), days=days,
+                                        actor=ctx.scope.user) if ok else None
+    if created is None:
+        return _account_page(request, ctx, status_code=401, error="Token refused: the password is wrong, or the "
+                             "account is locked (the failed attempt is recorded).")
     # Rendered here, not redirected: the token must sit in no cookie, URL or history entry.
     return _account_page(request, ctx, status_code=201, new_token=created["token"],
                          new_token_expires=created["expires_at"])

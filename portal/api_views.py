@@ -23,14 +23,13 @@ from fastapi import Query as Param
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from corelab.site_queries import QueryError
+from corelab.site_queries import MAX_TEXT, QueryError
 from portal.pages import not_found
 from portal.security import ANY_ROLE, READERS, Ctx, require
 from services import api_view, review
 from services.access import may_see, owner
 
 router = APIRouter(prefix="/api/v1")
-MAX_TEXT = 4000
 
 Limit = Param(100, ge=1, le=api_view.MAX_LIMIT, description="rows per page, at most 1000")
 Offset = Param(0, ge=0, le=10_000_000)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import re
 import urllib.parse
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,12 +17,15 @@ from corelab.settings import Settings, load_settings
 from portal.pages import page
 from portal.security import LoginRequired
 
-LOG = logging.getLogger("corelab.portal")
-
 # Pages load nothing from elsewhere and run no script: the portal works on a closed network,
 # and an injected <script> would not run.
 CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
+
+
+# A number no id or page can be (more than 18 digits) would overflow the database's integers:
+# such a request is answered as a page that does not exist, before any view sees it.
+_HUGE_NUMBER = re.compile(r"(?:^|[/=&])\d{19,}(?:$|[/&])")
 
 
 def _wants_json(request: Request) -> bool:
@@ -42,13 +46,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        response = await call_next(request)
+        if _HUGE_NUMBER.search(request.url.path) or _HUGE_NUMBER.search(request.url.query):
+            response = page(request, None, "error.html", status_code=404, status=404, message="no such page")
+        else:
+            response = await call_next(request)
         response.headers.setdefault("Content-Security-Policy", CSP)
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "same-origin"
         if not request.url.path.startswith("/static/"):
             response.headers.setdefault("Cache-Control", "no-store")
+        if request.url.scheme == "https":
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
     @app.exception_handler(LoginRequired)
@@ -64,5 +73,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return page(request, None, "error.html", status_code=exc.status_code, status=exc.status_code,
                     message=str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_input(request: Request, exc: RequestValidationError):
+        # Say which field is wrong and why, never echo what was sent (it may be a password).
+        problems = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]), "problem": e.get("msg", "")}
+                    for e in exc.errors()]
+        if _wants_json(request):
+            return JSONResponse({"detail": problems}, status_code=422)
+        text = "; ".join(f"{p['field'] or 'the request'}: {p['problem']}" for p in problems)
+        return page(request, None, "error.html", status_code=422, status=422,
+                    message=f"the form was not accepted ({text}); go back, correct it and send it again")
 
     return app

@@ -7,7 +7,7 @@ import secrets
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse
 
-from corelab import accounts
+from corelab import accounts, audit
 from corelab.db import transaction
 from portal.pages import home_of, local_path, page
 from portal.security import (ANY_ROLE, LOGIN_CSRF_COOKIE, SESSION_COOKIE, Ctx, check_login_csrf, clear_cookie,
@@ -54,6 +54,7 @@ def login(request: Request, name: str = Form(""), password: str = Form(""), csrf
 def logout(request: Request, ctx: Ctx = Depends(require(*ANY_ROLE))):
     with ctx.db() as session:
         end_session(session, request.cookies.get(SESSION_COOKIE))
+        audit.append(session, actor=ctx.scope.user, action="logout", entity="user", entity_id=ctx.user_id)
     response = RedirectResponse("/login", status_code=303)
     clear_cookie(response, ctx.settings, request, SESSION_COOKIE)
     return response

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from corelab import accounts
 from portal.pages import done, not_found, page
 from portal.security import READERS, Ctx, require
-from reports.render import ReportError
+from reports.render import ReportError, SIGN_MEANING
 from services import reports, trial_view
 from services.access import may_see
 
@@ -36,7 +36,7 @@ def _report_page(request: Request, ctx: Ctx, report_id: int, *, error: str = "",
             raise not_found("report")
         report = trial_view.report_detail(s, ctx.settings, report_id)
     return page(request, ctx, "report.html", status_code=status_code, report=report, error=error,
-                meaning=trial_view.SIGN_MEANING)
+                meaning=SIGN_MEANING)
 
 
 @router.get("/reports")
@@ -68,27 +68,30 @@ def report_file(report_id: int, part: str, ctx: Ctx = Depends(require(*READERS))
 
 
 @router.post("/reports/{report_id}/sign")
-def report_sign(request: Request, report_id: int, password: str = Form(""),
-                reason: str = Form(trial_view.SIGN_MEANING), ctx: Ctx = Depends(require("physicist"))):
+def report_sign(request: Request, report_id: int, password: str = Form("", max_length=1024),
+                reason: str = Form("", max_length=300), ctx: Ctx = Depends(require("physicist"))):
     error = ""
     with ctx.db() as s:
         if not may_see(s, ctx.scope, "report", report_id):
             raise not_found("report")
         user = ctx.user(s)
         # The failed attempt is audited and counted; this transaction commits it.
-        ok = accounts.verify_password_again(s, user, password, purpose=f"sign report {report_id}")
+        ok = accounts.verify_password_again(s, user, password, purpose=f"sign report {report_id}",
+                                            max_failed=ctx.settings.portal_max_failed_logins,
+                                            lockout_minutes=ctx.settings.portal_lockout_minutes)
         if ok:
             try:
                 with s.begin_nested():  # a refused signature leaves nothing but the re-authentication
                     reports.sign_and_deliver(s, ctx.settings, str(report_id), signer=user.full_name or user.name,
-                                             reason=reason.strip() or trial_view.SIGN_MEANING)
+                                             reason=reason.strip() or SIGN_MEANING, login=user.name)
             except ReportError as exc:
                 error = str(exc)
     if not ok:
         return _report_page(request, ctx, report_id, status_code=401,
-                            error="Signature refused: the password is not yours. Enter your own password again "
-                                  "to sign (the failed attempt is recorded).")
+                            error="Signature refused: the password is wrong, or the account is locked. Enter your own "
+                                  "password again to sign (the failed attempt is recorded and counts towards the "
+                                  "lock-out).")
     if error:
         return _report_page(request, ctx, report_id, status_code=409, error=error)
     return done(request, ctx, f"/reports/{report_id}",
-                f"Report {report_id} signed by {user.full_name or user.name}: {trial_view.SIGN_MEANING}.")
+                f"Report {report_id} signed by {user.full_name or user.name}: {SIGN_MEANING}.")

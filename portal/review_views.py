@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Form, Request
 
-from corelab.site_queries import QueryError
+from corelab.site_queries import MAX_TEXT, QueryError
 from portal.pages import done, local_path, not_found, page
 from portal.security import READERS, Ctx, require
 from services import intake, review
@@ -19,7 +19,6 @@ from services.access import may_see, owner
 
 router = APIRouter()
 
-MAX_TEXT = 4000
 """Longest message in a query thread (the thread goes to the site's report)."""
 
 

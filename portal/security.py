@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import secrets
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from fastapi import HTTPException, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from corelab import accounts
+from corelab import accounts, audit
 from corelab.db import transaction
 from corelab.models import User, WebSession, utcnow
 from corelab.settings import Settings
@@ -63,10 +62,6 @@ class Ctx:
         return session.get(User, self.user_id)
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def is_https(request: Request) -> bool:
     # Behind a TLS proxy, uvicorn (proxy_headers, trusting only the loopback proxy) has already
     # turned X-Forwarded-Proto into the scheme; the header itself is not trusted here.
@@ -91,7 +86,8 @@ def clear_cookie(response, settings: Settings, request: Request, name: str) -> N
 def start_session(session: Session, user: User, *, via: str) -> str:
     """A new session for ``user`` (after a successful login); returns the cookie's key."""
     key = secrets.token_urlsafe(32)
-    session.add(WebSession(key_sha256=_sha256(key), user_id=user.id, csrf_token=secrets.token_urlsafe(32), via=via))
+    session.add(WebSession(key_sha256=accounts.sha256_hex(key), user_id=user.id, csrf_token=secrets.token_urlsafe(32),
+                           via=via))
     session.flush()
     return key
 
@@ -111,7 +107,7 @@ def _open_session(session: Session, key: str) -> WebSession | None:
 
     if len(key) > 128:
         return None
-    ws = session.exec(select(WebSession).where(WebSession.key_sha256 == _sha256(key))).first()
+    ws = session.exec(select(WebSession).where(WebSession.key_sha256 == accounts.sha256_hex(key))).first()
     return ws if ws is not None and ws.ended_at is None else None
 
 
@@ -123,6 +119,9 @@ def _from_session(session: Session, settings: Settings, key: str) -> tuple[User,
     if now - ws.last_seen_at > timedelta(minutes=settings.portal_idle_minutes):
         ws.ended_at = now  # idle too long: the session is over, whatever the cookie says
         session.add(ws)
+        user = session.get(User, ws.user_id)
+        audit.append(session, actor=user.name if user else "", action="session.expire", entity="user",
+                     entity_id=ws.user_id, detail={"idle_minutes": settings.portal_idle_minutes})
         return None
     user = session.get(User, ws.user_id)
     if user is None or user.disabled:

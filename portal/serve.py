@@ -16,7 +16,7 @@ def portal_server(settings: Settings) -> uvicorn.Server:
     # proxy_headers: behind a TLS proxy on this machine, X-Forwarded-Proto says the request was
     # HTTPS (Secure cookies); only the loopback proxy is trusted to say so.
     config = uvicorn.Config(create_app(settings), host=settings.portal_host, port=settings.portal_port,
-                            proxy_headers=True, forwarded_allow_ips="127.0.0.1", log_level="warning",
+                            proxy_headers=True, forwarded_allow_ips="127.0.0.1,::1", log_level="warning",
                             server_header=False)
     return uvicorn.Server(config)
 

@@ -229,8 +229,17 @@ def find_report(session: Session, ref: str | int, *, data_dir: Path) -> Report:
     return report
 
 
-def sign_report(session: Session, ref: str | int, *, signer: str, reason: str, data_dir: Path) -> Report:
+SIGN_MEANING = "reviewed and approved"
+"""The meaning of a corelab e-signature (21 CFR 11.50), printed with the name and time."""
+
+
+def sign_report(session: Session, ref: str | int, *, signer: str, reason: str, data_dir: Path,
+                login: str | None = None) -> Report:
     """E-sign a report version: check its files, store signer and time, append ``report.sign``.
+
+    ``signer`` is the printed name; ``login`` the account that signed (the portal's user; the
+    command line's ``--as`` name when None): it is the audit event's actor and is kept in the
+    signature record, so two people of the same printed name are told apart.
 
     Raises
     ------
@@ -256,16 +265,18 @@ def sign_report(session: Session, ref: str | int, *, signer: str, reason: str, d
     report.signed_by, report.signed_at = signer, now
     session.add(report)
     session.flush()
-    event = audit.append(session, actor=signer, action="report.sign", entity="report", entity_id=report.id,
+    event = audit.append(session, actor=login or signer, action="report.sign", entity="report", entity_id=report.id,
                          detail={"path": report.path, "html_sha256": report.sha256, "pdf_sha256": saved["pdf_sha256"],
-                                 "version": report.version, "reason": reason, "meaning": "reviewed and approved"})
+                                 "version": report.version, "reason": reason, "meaning": SIGN_MEANING,
+                                 "printed_name": signer})
     session.flush()
     # The chain's head and length as of this signature (the sign event is the head): an anchor
     # outside the store that leaves with the report (`corelab audit verify` checks it).
     head = audit.position(session, event)
     files["signature"].write_text(json.dumps({
-        "report": report.path, "version": report.version, "signed_by": signer, "signed_at": now.isoformat(),
-        "reason": reason, "html_sha256": report.sha256, "pdf_sha256": saved["pdf_sha256"],
+        "report": report.path, "version": report.version, "signed_by": signer, "login": login or signer,
+        "signed_at": now.isoformat(), "meaning": SIGN_MEANING, "reason": reason, "html_sha256": report.sha256,
+        "pdf_sha256": saved["pdf_sha256"],
         "audit_event_id": event.id, "audit_event_hash": event.hash,
         "audit_head_hash": event.hash, "audit_count": head}, indent=1))
     return report

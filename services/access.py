@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from sqlalchemy import and_, distinct, or_
 from sqlmodel import Session, col, select
 
-from corelab.models import (Deviation, QuarantineItem, Query, Report, Scanner, Series, Site, Study, Subject,
-                            Trial, User, Visit)
+from corelab.models import (Deviation, QuarantineItem, Query, Report, Scanner, Series, Site, Subject,
+                            Trial, User)
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,6 @@ class Scope:
     def reviews(self) -> bool:
         """Works deviations, queries, quarantine and signatures (a physicist)."""
         return self.role == "physicist"
-
-    @property
-    def administers(self) -> bool:
-        return self.role == "admin"
 
     @property
     def answers(self) -> bool:
@@ -114,23 +110,30 @@ def owner(session: Session, kind: str, obj_id: int) -> tuple[str | None, str | N
     raise ValueError(f"unknown kind {kind!r}")
 
 
+SITE_WIDE_REPORTS = ("site_qc",)
+"""Report kinds that cover every trial of a site: a trial manager, who reads their own trials
+only, does not see them (a site QC report lists other trials' scans and deviations)."""
+
+
 def may_see(session: Session, scope: Scope, kind: str, obj_id: int) -> bool:
     """Whether ``scope`` may read the object (False also when it does not exist).
 
     A site user needs the object's site to be theirs. A trial manager needs the object's trial
-    to be theirs, or, for an object of no trial (a site QC report, a quarantined file, a
-    scanner), its site to be one of their trials' sites.
+    to be theirs, or, for an object of no trial (a quarantined file, a scanner, its accreditation
+    report), its site to be one of their trials' sites; never a report of :data:`SITE_WIDE_REPORTS`.
     """
     found = owner(session, kind, obj_id)
     if found is None:
         return False
     site, trial = found
+    if scope.role == "trial-manager" and kind == "report" and session.get(Report, obj_id).kind in SITE_WIDE_REPORTS:
+        return False
     if scope.role == "trial-manager":
         return scope.sees_trial(trial) if trial is not None else scope.sees_site(site)
     return scope.sees_site(site)
 
 
-def restrict(stmt, scope: Scope, *, site_id, trial_id=None, always_of_a_trial: bool = False):
+def restrict(stmt, scope: Scope, *, site_id, trial_id=None, always_of_a_trial: bool = False, report_kind=None):
     """``stmt`` limited in SQL to the rows ``scope`` may see, by the rule of :func:`may_see`; the one
     scope filter of the listings (pages and API), so a listing never holds a row its reader could
     not open by id.
@@ -143,19 +146,16 @@ def restrict(stmt, scope: Scope, *, site_id, trial_id=None, always_of_a_trial: b
     always_of_a_trial : bool
         Every row has a trial (deviations, queries: QC judges only trial series), so a trial
         manager is restricted by trial alone: the same rows as may_see's rule, in a simpler query.
+    report_kind
+        For a listing of reports, the column of their kind (site-wide reports are not a trial
+        manager's).
     """
     site_ids = select(Site.id).where(col(Site.code).in_(sorted(scope.sites or ())))
+    if scope.role == "trial-manager" and report_kind is not None:
+        stmt = stmt.where(col(report_kind).not_in(SITE_WIDE_REPORTS))
     if scope.role == "trial-manager" and trial_id is not None:
         in_trials = col(trial_id).in_(select(Trial.id).where(col(Trial.code).in_(sorted(scope.trials or ()))))
         if always_of_a_trial:
             return stmt.where(in_trials)
         return stmt.where(or_(in_trials, and_(col(trial_id).is_(None), col(site_id).in_(site_ids))))
     return stmt if scope.sites is None else stmt.where(col(site_id).in_(site_ids))
-
-
-def subject_visit(session: Session, series: Series) -> tuple[str, str]:
-    """(subject pseudonym, visit label) of a series, '' where it has none (a phantom)."""
-    study = session.get(Study, series.study_id) if series.study_id else None
-    visit = session.get(Visit, study.visit_id) if study and study.visit_id else None
-    subject = session.get(Subject, visit.subject_id) if visit else None
-    return (subject.pseudonym if subject else "", visit.label if visit else "")

@@ -73,7 +73,7 @@ def report_page(session: Session, scope: Scope, *, kind: str | None = None, limi
     """The report versions the scope may see, newest first."""
     stmt = (select(Report, Site, Trial).join(Site, Report.site_id == Site.id, isouter=True)
             .join(Trial, Report.trial_id == Trial.id, isouter=True).order_by(col(Report.id).desc()))
-    stmt = restrict(stmt, scope, site_id=Report.site_id, trial_id=Report.trial_id)
+    stmt = restrict(stmt, scope, site_id=Report.site_id, trial_id=Report.trial_id, report_kind=Report.kind)
     if kind:
         stmt = stmt.where(Report.kind == kind)
     total, rows = paging.page(session, stmt, limit=limit, offset=offset)

@@ -95,13 +95,16 @@ def list_reports(session: Session) -> list[dict]:
 
 
 def sign_and_deliver(session: Session, settings: Settings, report_ref: str, *, signer: str, reason: str,
-                     deliver: bool = True) -> dict:
-    """E-sign a report version (audit event; the report is frozen) and deliver its signature file."""
-    report = sign_report(session, report_ref, signer=signer, reason=reason, data_dir=settings.data_dir)
+                     deliver: bool = True, login: str | None = None) -> dict:
+    """E-sign a report version (audit event; the report is frozen) and deliver its signature file.
+
+    ``signer`` is the printed name, ``login`` the account that signs (see :func:`reports.render.sign_report`).
+    """
+    report = sign_report(session, report_ref, signer=signer, reason=reason, data_dir=settings.data_dir, login=login)
     data = {"report": report.id, "path": report.path, "sha256": report.sha256, "signed_by": report.signed_by,
             "signed_at": report.signed_at.isoformat()}
     if deliver:  # the site gets the signature file beside the report
-        data["delivery"] = deliver_report(session, settings, report, actor=signer)
+        data["delivery"] = deliver_report(session, settings, report, actor=login or signer)
     return data
 
 

@@ -22,7 +22,7 @@ from corelab.models import (DEVIATION_STATUSES, AuditEvent, Deviation, Report, S
                             Trial, Visit)
 from corelab.qcstats import ACTIVE_STATUSES, rate_text
 from corelab.settings import Settings
-from reports.render import KINDS, ReportError, report_files
+from reports.render import KINDS, SIGN_MEANING, ReportError, report_files
 from services import paging
 from services.access import Scope, restrict
 from services.reports import TRIAL_EXPORT_FORMATS, export_trial_tables
@@ -30,7 +30,6 @@ from services.reports import TRIAL_EXPORT_FORMATS, export_trial_tables
 REPORT_PARTS = {"html": "text/html; charset=utf-8", "pdf": "application/pdf", "signature": "application/json"}
 EXPORT_TABLES = ("header_table", "deviations")
 EXPORT_MEDIA = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
-SIGN_MEANING = "reviewed and approved"
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,8 @@ def report_listing(session: Session, scope: Scope) -> list[dict]:
     """Every report version ``scope`` may see, newest first."""
     query = (select(Report, Site.code, Trial.code).join(Site, Report.site_id == Site.id, isouter=True)
              .join(Trial, Report.trial_id == Trial.id, isouter=True).order_by(col(Report.id).desc()))
-    found = list(session.exec(restrict(query, scope, site_id=Report.site_id, trial_id=Report.trial_id)))
+    found = list(session.exec(restrict(query, scope, site_id=Report.site_id, trial_id=Report.trial_id,
+                                       report_kind=Report.kind)))
     signs = _sign_events(session, [r.id for r, _, _ in found if r.signed_at])
     return [_report_row(r, site, trial, signs.get(r.id)) for r, site, trial in found]
 

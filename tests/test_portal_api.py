@@ -38,7 +38,7 @@ def session_for(app, name: str, password: str = PASSWORD) -> TestClient:
 
 
 def new_token(client: TestClient, label: str = "lims") -> str:
-    response = post_form(client, "/account", "/account/tokens", {"label": label, "days": "30"})
+    response = post_form(client, "/account", "/account/tokens", {"label": label, "days": "30", "password": PASSWORD})
     assert response.status_code == 201 and "shown only this once" in response.text
     found = TOKEN.findall(response.text)
     assert len(found) == 1
@@ -201,3 +201,16 @@ def test_only_ones_own_tokens_and_only_from_a_session(lab, app, site_a, token_a)
     with session_scope(lab.settings) as s:
         owner = s.exec(select(User).where(User.name == "site-a")).one()
         assert len(s.exec(select(ApiToken).where(ApiToken.user_id == owner.id, ApiToken.label == "x")).all()) == 0
+
+
+def test_a_token_needs_the_password_again_and_dies_with_a_reset(app, lab):
+    """A session left open (or stolen) cannot be turned into a long-lived token, and a password
+    reset revokes the tokens made before it."""
+    client = session_for(app, "site-a")
+    refused = post_form(client, "/account", "/account/tokens", {"label": "x", "days": "30", "password": "guess guess"})
+    assert refused.status_code == 401 and not TOKEN.findall(refused.text)
+    token = new_token(client, "before-reset")
+    assert bearer(app, token).get("/api/v1/series").status_code == 200
+    with session_scope(lab.settings) as s:
+        accounts.reset_password(s, "site-a", PASSWORD, actor="admin")
+    assert bearer(app, token).get("/api/v1/series").status_code == 401

@@ -228,3 +228,29 @@ def test_passwords_are_argon2id_and_rules_hold(settings):
             accounts.add_user(s, "px", role="physicist", sites=["A01"], password=PASSWORD, actor="test")
         audit_text = " ".join(str(e.detail) for e in s.exec(select(AuditEvent)))
         assert PASSWORD not in audit_text and "argon2" not in audit_text
+
+
+def test_hostile_numbers_and_invalid_forms_get_clear_answers(portal, settings):
+    client = _client(portal)
+    for url in ("/series/" + "9" * 25, "/reports/" + "1" * 30 + "/file/pdf", "/deviations?page=" + "9" * 19):
+        assert client.get(url).status_code == 404, url
+    login(client, "phys")
+    secret = "my-typed-secret-7788"
+    response = client.post("/account/tokens", data={"csrf_token": _csrf(settings), "days": "many",
+                                                     "password": secret})
+    assert response.status_code == 422 and "days" in response.text and secret not in response.text
+    assert "text/html" in response.headers["content-type"]
+
+
+def test_logout_and_idle_expiry_are_audited(portal, settings):
+    client = _client(portal)
+    login(client, "phys")
+    client.post("/logout", data={"csrf_token": _csrf(settings)})
+    login(client, "phys")
+    with session_scope(settings) as s:
+        for ws in s.exec(select(WebSession).where(WebSession.ended_at.is_(None))):
+            ws.last_seen_at = ws.last_seen_at - dt.timedelta(minutes=settings.portal_idle_minutes + 1)
+            s.add(ws)
+    assert not _logged_in(client)
+    assert [e.actor for e in _events(settings, "logout")] == ["phys"]
+    assert [e.actor for e in _events(settings, "session.expire")] == ["phys"]

@@ -56,6 +56,13 @@ def test_trial_manager_lists_what_may_see_allows(lab, app):
         expected = {r.id for r in s.exec(select(Report)) if may_see(s, scope, "report", r.id)}
         trial_reports = {r.id for r in s.exec(select(Report).where(Report.kind == "trial_deviations"))}
     assert _listed(html) == expected and trial_reports <= expected
+    # A site QC report covers every trial of its site: not a trial manager's to read.
+    with session_scope(lab.settings) as s:
+        site_qc = [r.id for r in s.exec(select(Report).where(Report.kind == "site_qc"))]
+        accreditation = {r.id for r in s.exec(select(Report).where(Report.kind == "accreditation"))}
+    assert site_qc and not set(site_qc) & _listed(html) and accreditation <= _listed(html)
+    client = client_for(app, "tm")
+    assert all(client.get(f"/reports/{i}/file/html").status_code == 404 for i in site_qc)
 
 
 def test_physicist_lists_every_version_newest_first(lab, app):
@@ -141,8 +148,10 @@ def test_physicist_signs_with_the_password_asked_again(lab, app):
     signature = report_files(lab.settings.data_dir, report)["signature"]
     record = json.loads(signature.read_text())
     assert record["signed_by"] == "Dr P. Hysicist" and record["html_sha256"] == report.sha256
+    assert record["login"] == "phys" and record["meaning"] == "reviewed and approved"
     sign = [e for e in _events(lab, "report.sign") if e.entity_id == str(report_id)]
-    assert len(sign) == 1 and sign[0].detail["meaning"] == "reviewed and approved"
+    assert len(sign) == 1 and sign[0].detail["meaning"] == "reviewed and approved" and sign[0].actor == "phys"
+    assert sign[0].detail["printed_name"] == "Dr P. Hysicist"
     assert record["audit_event_id"] == sign[0].id
     assert _events(lab, "reauth.success")[-1].actor == "phys"
 
@@ -163,3 +172,20 @@ def test_sign_without_csrf_token_is_refused(lab, app):
     report_id = lab.ids["B02"]["report"][0]
     response = client.post(f"/reports/{report_id}/sign", data={"password": PASSWORD})
     assert response.status_code == 403 and _report(lab, report_id).signed_by is None
+
+
+def test_signing_counts_towards_the_lockout(lab, app):
+    """A session left open cannot be used to guess the password at the signature: wrong passwords
+    there lock the account as failed logins do, and a locked account cannot sign."""
+    from services import accounts
+
+    with session_scope(lab.settings) as s:
+        accounts.add_user(s, "phys2", role="physicist", full_name="Dr Second", password=PASSWORD, actor="test")
+        unsigned = s.exec(select(Report).where(col(Report.signed_at).is_(None)).order_by(col(Report.id))).first()
+    client = client_for(app, "phys2")
+    url = f"/reports/{unsigned.id}"
+    for _ in range(lab.settings.portal_max_failed_logins):
+        assert post_form(client, url, f"{url}/sign", {"password": "guess guess guess"}).status_code == 401
+    assert [e for e in _events(lab, "login.lockout") if e.actor == "phys2"]
+    assert post_form(client, url, f"{url}/sign", {"password": PASSWORD}).status_code == 401
+    assert _report(lab, unsigned.id).signed_at is None
