@@ -29,7 +29,7 @@ AccreditationStatus = Literal["pending", "accredited", "failed", "expired", "sus
 Severity = Literal["major", "minor"]
 DeviationStatus = Literal["open", "queried", "resolved", "waived"]
 QueryStatus = Literal["open", "answered", "resolved"]
-ReportKind = Literal["accreditation", "site_qc", "trial_deviations", "demo_summary"]
+ReportKind = Literal["accreditation", "site_qc", "trial_deviations", "demo_summary", "series_qc"]
 
 SERIES_STATES: tuple[str, ...] = get_args(SeriesState)
 QC_STATES: tuple[str, ...] = get_args(QcState)

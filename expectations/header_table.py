@@ -63,6 +63,27 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
     "slices_missing": ("int", "", "slices absent: by the header's count and by gaps in positions"),
     "axial_coverage_mm": ("float", "mm", "extent of the slice centres plus one slice"),
     "frame_duration_s": ("float", "s", "ActualFrameDuration (duration per bed)"),
+    # From the image (expectations.image.analyse_pet; see expectations.qc). All null when SUV is
+    # not computable: the image checks need SUV, and the SUV rule already reports why.
+    "liver_assessable": ("bool", "", "a 3 cm liver reference VOI could be placed (PERCIST)"),
+    "liver_reason": ("string", "", "why the liver VOI could not be placed; empty when it was"),
+    "liver_suv_mean": ("float", "g/mL", "SUVbw mean in the 3 cm liver VOI"),
+    "liver_suv_sd": ("float", "g/mL", "SUVbw standard deviation in the liver VOI"),
+    "liver_cov_pct": ("float", "%", "liver VOI coefficient of variation, 100 SD / mean (image noise)"),
+    "liver_sul_mean": ("float", "g/mL", "liver SULmean: SUV x LBM (James) / weight; null without height"),
+    "liver_voi_x_mm": ("float", "mm", "liver VOI centre, patient x (LPS: + is left)"),
+    "liver_voi_y_mm": ("float", "mm", "liver VOI centre, patient y (LPS: + is posterior)"),
+    "liver_voi_z_mm": ("float", "mm", "liver VOI centre, patient z (LPS: + is superior)"),
+    "bed_dip_planes": ("int", "", "planes in a run whose body uptake drops far below its neighbours "
+                                  "(a missing or failed bed position); 0 when none"),
+    "bed_dip_z_from_mm": ("float", "mm", "lowest z of that run (null when none)"),
+    "bed_dip_z_to_mm": ("float", "mm", "highest z of that run (null when none)"),
+    "petct_shift_mm": ("float", "mm", "largest |PET minus CT body-outline shift| over x, y, z; null "
+                                      "without a CT in the study or when not assessable"),
+    "petct_shift_x_mm": ("float", "mm", "PET minus CT body-outline shift along x"),
+    "petct_shift_y_mm": ("float", "mm", "PET minus CT body-outline shift along y"),
+    "petct_shift_z_mm": ("float", "mm", "PET minus CT body-outline shift along z"),
+    "petct_reason": ("string", "", "why the PET/CT alignment was not assessed (e.g. no CT); empty when it was"),
     # Added from the store and across scans (see expectations.qc):
     "scanner_accredited": ("bool", "", "valid accreditation for the trial's standard when received"),
     "software_matches_register": ("bool", "", "SoftwareVersions equals the registered value"),
@@ -71,7 +92,13 @@ COLUMNS: dict[str, tuple[str, str, str]] = {
                                                     "subsets, kernel and matrix as the baseline (null at baseline)"),
     "uptake_diff_vs_baseline_min": ("float", "min", "follow-ups: uptake_min minus the baseline's (null at baseline)"),
     "days_since_baseline": ("int", "d", "follow-ups: study date minus the baseline's (null at baseline)"),
+    "liver_sul_diff_vs_baseline_pct": ("float", "%", "follow-ups: liver SULmean change from the baseline's, "
+                                                     "100 (follow-up - baseline) / baseline (null at baseline)"),
+    "liver_sul_diff_vs_baseline": ("float", "g/mL", "follow-ups: liver SULmean minus the baseline's "
+                                                    "(null at baseline)"),
 }
+# The columns filled from the image; None (not checked) when SUV is not computable.
+IMAGE_COLUMNS = tuple(COLUMNS)[tuple(COLUMNS).index("liver_assessable"):tuple(COLUMNS).index("petct_reason") + 1]
 # What a PET header must carry for quantification and traceability (facts file, section 5).
 REQUIRED_ATTRIBUTES = ("Units", "DecayCorrection", "CorrectedImage", "RadiopharmaceuticalInformationSequence",
                        "PatientWeight", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
@@ -258,7 +285,8 @@ def add_cross_scan_columns(df, *, baseline_label: str = "baseline"):
     """Add follow-up-versus-baseline columns to a header table (pandas DataFrame).
 
     Rows need ``subject``, ``visit``, ``scanner``, ``uptake_min``, ``study_date`` and the
-    reconstruction columns. A subject's baseline row is the one whose visit is ``baseline_label``;
+    reconstruction columns; ``liver_sul_mean`` when present (the liver reference of PERCIST:
+    follow-up SULmean within 20 % and 0.3 of the baseline's, judged by the manual). A subject's baseline row is the one whose visit is ``baseline_label``;
     follow-up rows get the differences; baseline rows and subjects without a baseline get nulls.
     Study dates are compared as sent: de-identification shifts a subject's dates consistently,
     so intervals survive.
@@ -266,7 +294,8 @@ def add_cross_scan_columns(df, *, baseline_label: str = "baseline"):
     df = df.copy()
     baselines = df[df["visit"] == baseline_label].drop_duplicates("subject", keep="last").set_index("subject")
     columns: dict[str, list] = {"uptake_diff_vs_baseline_min": [], "same_scanner_as_baseline": [],
-                                "same_reconstruction_as_baseline": [], "days_since_baseline": []}
+                                "same_reconstruction_as_baseline": [], "days_since_baseline": [],
+                                "liver_sul_diff_vs_baseline_pct": [], "liver_sul_diff_vs_baseline": []}
     for _, row in df.iterrows():
         if row["visit"] == baseline_label or row["subject"] not in baselines.index:
             for values in columns.values():
@@ -279,6 +308,10 @@ def add_cross_scan_columns(df, *, baseline_label: str = "baseline"):
         columns["same_reconstruction_as_baseline"].append(
             all(_same(row.get(c), base.get(c)) for c in RECONSTRUCTION_COLUMNS))
         columns["days_since_baseline"].append(_days_between(base.get("study_date"), row.get("study_date")))
+        sul, base_sul = _float(row.get("liver_sul_mean")), _float(base.get("liver_sul_mean"))
+        both = sul is not None and base_sul is not None and base_sul > 0
+        columns["liver_sul_diff_vs_baseline_pct"].append(100.0 * (sul - base_sul) / base_sul if both else None)
+        columns["liver_sul_diff_vs_baseline"].append(sul - base_sul if both else None)
     # object dtype keeps None as None: a float column would turn "not applicable" into NaN.
     for name, values in columns.items():
         df[name] = pd.Series(values, index=df.index, dtype=object)

@@ -41,13 +41,28 @@ class Rule:
     check: str
     message: str
     params: dict = field(default_factory=dict)
+    # More (column, params) pairs checked the same way; every one must hold (one deviation).
+    also: tuple[tuple[str, dict], ...] = ()
+
+    @property
+    def checks(self) -> tuple[tuple[str, dict], ...]:
+        """Every (column, params) the rule checks: its own, then ``also``."""
+        return ((self.column, self.params), *self.also)
 
     def expected(self) -> str:
+        if self.also:  # several columns: name each one's unit, else "-20 to 20 and -0.3 to 0.3" is unclear
+            from expectations.header_table import COLUMNS
+
+            return " and ".join(f"{self._expected(params)} {COLUMNS.get(column, ('', '', ''))[1]}".strip()
+                                for column, params in self.checks)
+        return self._expected(self.params)
+
+    def _expected(self, params: dict) -> str:
         if self.check == "between":
-            return f"{self.params.get('min_value')} to {self.params.get('max_value')}"
+            return f"{params.get('min_value')} to {params.get('max_value')}"
         if self.check == "in_set":
             values = [("yes" if v else "no") if isinstance(v, bool) else (str(v) or "none")
-                      for v in self.params.get("value_set", [])]
+                      for v in params.get("value_set", [])]
             return values[0] if len(values) == 1 else "one of " + ", ".join(values)
         return "present"
 
@@ -67,7 +82,7 @@ class Manual:
 
     @property
     def columns(self) -> set[str]:
-        return {r.column for r in self.rules}
+        return {column for r in self.rules for column, _ in r.checks}
 
 
 @dataclass(frozen=True)
@@ -94,8 +109,14 @@ def load_manual(path_or_trial: str | Path) -> Manual:
             raise ManualError(f"{path}: rule {raw['id']} has check {raw['check']!r}; use one of {sorted(CHECKS)}")
         if raw["severity"] not in ("major", "minor"):
             raise ManualError(f"{path}: rule {raw['id']} has severity {raw['severity']!r}; use major or minor")
+        also = []
+        for extra in raw.get("also") or []:
+            if not isinstance(extra, dict) or "column" not in extra:
+                raise ManualError(f"{path}: rule {raw['id']} has an `also` entry without a column; "
+                                  "write {column: ..., params: {...}}")
+            also.append((extra["column"], dict(extra.get("params") or {})))
         rules.append(Rule(raw["id"], str(raw["section"]), raw["severity"], raw["column"], raw["check"],
-                          raw["message"].strip(), dict(raw.get("params") or {})))
+                          raw["message"].strip(), dict(raw.get("params") or {}), tuple(also)))
     ids = [r.id for r in rules]
     if len(ids) != len(set(ids)):
         raise ManualError(f"{path}: rule ids must be unique")
@@ -130,10 +151,10 @@ def compile_suite(manual: Manual):
 
     expectations = [
         getattr(gx.expectations, CHECKS[rule.check])(
-            column=rule.column, **rule.params,
+            column=column, **params,
             meta={"rule_id": rule.id, "section": rule.section, "severity": rule.severity},
         )
-        for rule in manual.rules
+        for rule in manual.rules for column, params in rule.checks
     ]
     # Passing the expectations at construction needs no data context (add_expectation does).
     return gx.ExpectationSuite(name=suite_name(manual), expectations=expectations,
@@ -213,11 +234,15 @@ def validate(manual: Manual, table, *, docs_dir: Path | None = None) -> Validati
         docs = docs_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     rules = {r.id: r for r in manual.rules}
     findings = []
+    seen: set[tuple[str, str]] = set()  # a rule over several columns is one finding per series
     for item in result.results:
         doc = item.to_json_dict()
         if doc["success"]:
             continue
         rule = rules[doc["expectation_config"]["meta"]["rule_id"]]
+        column = doc["expectation_config"]["kwargs"]["column"]
         for row in doc["result"].get("unexpected_index_list") or []:
-            findings.append(Finding(series_uid=row[KEY_COLUMN], rule=rule, observed=row.get(rule.column)))
+            if (row[KEY_COLUMN], rule.id) not in seen:
+                seen.add((row[KEY_COLUMN], rule.id))
+                findings.append(Finding(series_uid=row[KEY_COLUMN], rule=rule, observed=row.get(column)))
     return Validation(findings, docs)

@@ -8,22 +8,29 @@ its workflow status, and an open one whose rule now passes is marked resolved.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+
+import numpy as np
 
 import pandas as pd
 import pydicom
 from sqlmodel import Session, col, select
 
 from corelab import __version__, audit
+from corelab.body_size import BodySizeError, from_header, patient_weight_kg
+from corelab.dicomio import DicomVolumeError, Volume, load_volume
+from corelab.grid import Grid
 from corelab.lifecycle import move_all
 from corelab.models import Deviation, Scanner, Series, Site, Study, Subject, Trial, Visit, utcnow
 from corelab.queries import accredited_on
 from corelab.register import flag_requalification
 from corelab.series_files import series_files
 from corelab.settings import Settings
-from expectations.header_table import COLUMNS, add_cross_scan_columns, header_row
+from expectations.header_table import COLUMNS, IMAGE_COLUMNS, add_cross_scan_columns, header_row
 from expectations.manual import Finding, Manual, validate
 
 
@@ -83,10 +90,94 @@ def trial_pet_series(session: Session, trial_code: str, *, only_ids: list[int] |
     return list(session.exec(query))
 
 
-def build_row(session: Session, settings: Settings, series: Series, manual: Manual) -> dict:
-    """The full header-table row of one series: headers, store context and register columns."""
+OnImage = Callable[[Series, np.ndarray, Grid, object], None]
+"""Called with (series, SUV array, its grid, the ``ImageQc``) while the volume is in memory."""
+log = logging.getLogger(__name__)
+
+
+def sul_per_suv(dataset: pydicom.Dataset, weight_kg: float | None) -> float | None:
+    """SUL / SUV = lean body mass (James, DICOM LBMJAMES128) / body weight, or None.
+
+    From PatientSize (m) and PatientSex of the header (sex O or absent: the mean of the male and
+    female values, :func:`corelab.body_size.from_header`); None when the weight or height is
+    missing or implausible: the liver SULmean is then unknown, never guessed.
+    """
+    try:
+        weight, _ = patient_weight_kg(weight_kg, needed_for="SUL")
+        size = dataset.get("PatientSize")
+        norm, _ = from_header("LBMJAMES128", weight_kg=weight, patient_sex=dataset.get("PatientSex") or None,
+                              patient_size=float(size) if size not in (None, "") else None)
+    except (BodySizeError, TypeError, ValueError):
+        return None
+    return norm.value / weight
+
+
+def study_ct(session: Session, settings: Settings, series: Series) -> Volume | None:
+    """The CT (HU) of the PET series' study, when one is complete and loads; else None."""
+    if series.study_id is None:
+        return None
+    cts = session.exec(select(Series).where(Series.study_id == series.study_id, Series.modality == "CT",
+                                            Series.state == "complete").order_by(col(Series.id))).all()
+    for ct in cts:
+        try:
+            return load_volume(series_files(settings, session, ct))
+        except (DicomVolumeError, OSError, ValueError) as exc:  # a CT that does not stack: PET/CT not assessed
+            log.warning("CT series %s of study %s does not load (%s); PET/CT alignment not assessed",
+                        ct.series_uid, series.study_id, exc)
+    return None
+
+
+def image_columns(session: Session, settings: Settings, series: Series, row: dict, first: pydicom.Dataset,
+                  *, on_image: OnImage | None = None) -> dict:
+    """The image columns of a PET series (:data:`expectations.header_table.IMAGE_COLUMNS`).
+
+    All None when SUV is not computable (the ``suv_computable`` rule says why, and no image rule
+    fires on a null). Loads the PET volume, scales it to SUVbw with the row's factor and hands it,
+    with the study's CT, to :func:`expectations.image.analyse_pet`.
+    """
+    from expectations.image import analyse_pet  # the image analysis loads scipy: only when a PET is judged
+
+    out: dict = dict.fromkeys(IMAGE_COLUMNS)
+    factor = row.get("suv_factor_g_per_bq")
+    if factor is None:
+        return out
+    try:
+        volume = load_volume(series_files(settings, session, series))
+    except (DicomVolumeError, OSError, ValueError) as exc:
+        # SUV is known but the slices do not form a volume: the liver check says so.
+        out.update(liver_assessable=False, liver_reason=f"the PET slices do not form one volume: {exc}")
+        return out
+    suv = volume.array * np.float32(factor)
+    ct = study_ct(session, settings, series)
+    try:
+        qc = analyse_pet(suv, volume.grid, sul_per_suv=sul_per_suv(first, row.get("weight_kg")),
+                         ct_hu=ct.array if ct is not None else None, ct_grid=ct.grid if ct is not None else None)
+    except Exception as exc:  # noqa: BLE001 - an image the analysis cannot take must not stop the batch's header QC
+        log.exception("image QC of series %s failed", series.series_uid)
+        out.update(liver_assessable=False, liver_reason=f"the image analysis failed ({type(exc).__name__}: {exc})")
+        return out
+    cols = qc.columns()
+    centre = cols.pop("liver_voi_centre_mm", None) or (None, None, None)
+    cols.pop("axial_coverage_mm", None)  # the header's (slice extent) stays: it holds without SUV too
+    dip = qc.bed_dip or {}
+    out.update({k: v for k, v in cols.items() if k in out})
+    out.update(liver_reason=qc.liver.reason or "", liver_voi_x_mm=centre[0], liver_voi_y_mm=centre[1],
+               liver_voi_z_mm=centre[2], bed_dip_z_from_mm=dip.get("z_from_mm"), bed_dip_z_to_mm=dip.get("z_to_mm"),
+               petct_reason=qc.petct_reason or ("" if ct is not None else "no CT in the study"))
+    if on_image is not None:
+        on_image(series, suv, volume.grid, qc)
+    return out
+
+
+def build_row(session: Session, settings: Settings, series: Series, manual: Manual, *,
+              on_image: OnImage | None = None) -> dict:
+    """The full header-table row of one series: headers, image checks, store context and register
+    columns. ``on_image`` sees the SUV volume and its analysis (the per-series feedback figure is
+    drawn from it, so the volume is read once)."""
     ctx = _context(session, series)
-    row = header_row(series_headers(session, settings, series))
+    headers = series_headers(session, settings, series)
+    row = header_row(headers)
+    row.update(image_columns(session, settings, series, row, headers[0], on_image=on_image))
     row.update({k: v for k, v in ctx.items() if not k.startswith("_")})
     scanner = ctx["_scanner"]
     on = series.received_at  # aware UTC: compared with the time a scanner change was flagged
@@ -130,9 +221,29 @@ def header_table(rows: list[dict], context_rows: list[dict] | None = None, *, ba
     return df[df["series_uid"].isin(keep)][list(COLUMNS)].reset_index(drop=True)
 
 
+def _number(row: dict, column: str, fmt: str = ".4g") -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and value != value):
+        return "missing"
+    return f"{value:{fmt}} {COLUMNS.get(column, ('', '', ''))[1]}".strip()
+
+
 def _observed(finding: Finding, row: dict) -> str:
-    if finding.rule.column == "suv_factor_g_per_bq":
+    rule = finding.rule
+    if rule.column == "suv_factor_g_per_bq":
         return row.get("suv_error") or "not computable"
+    if rule.column == "liver_assessable":
+        return f"not assessable: {row.get('liver_reason') or 'no reason given'}"
+    if rule.column == "petct_shift_mm" and finding.observed is not None:
+        axes = ", ".join(f"{a} {_number(row, f'petct_shift_{a}_mm', '+.1f')}" for a in "xyz")
+        return f"{finding.observed:.1f} mm (PET minus CT: {axes})"
+    if rule.column == "bed_dip_planes" and finding.observed:
+        z = [row.get(c) for c in ("bed_dip_z_from_mm", "bed_dip_z_to_mm")]
+        known = all(isinstance(v, (int, float)) and v == v for v in z)  # a null read by pandas is NaN
+        where = f", z {z[0]:.0f} to {z[1]:.0f} mm" if known else ""
+        return f"{finding.observed:.0f} planes{where}"
+    if rule.also:  # several columns: show each one
+        return "; ".join(_number(row, column, "+.3g") for column, _ in rule.checks)
     value = finding.observed
     if value is None:
         return "missing"
@@ -223,11 +334,11 @@ def mark_nothing_to_check(session: Session, series: list[Series], *, actor: str)
 
 
 def qc_series_batch(session: Session, settings: Settings, manual: Manual, series: list[Series], *,
-                    docs_dir: Path | None = None) -> QcOutcome:
+                    docs_dir: Path | None = None, on_image: OnImage | None = None) -> QcOutcome:
     """Validate a batch of trial PET series in one GX run and record the deviations."""
     if not series:
         return QcOutcome()
-    rows = [build_row(session, settings, s, manual) for s in series]
+    rows = [build_row(session, settings, s, manual, on_image=on_image) for s in series]
     outcome_flags = flag_scanner_changes(session, rows)
     subjects = {r["subject"] for r in rows if r.get("subject")}
     context = [s.header_row for s in trial_pet_series(session, manual.trial, subjects=subjects) if s.header_row]

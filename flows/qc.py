@@ -26,6 +26,10 @@ def qc_trial(trial_code: str, series_ids: list[int] | None = None, pending_only:
                "deviations_resolved": sum(r["deviations_resolved"] for r in results),
                "scanners_flagged": sorted({c for r in results for c in r["scanners_flagged"]}),
                "data_docs": next((r["data_docs"] for r in results if r["data_docs"]), None),
+               # per-series QC notes to the sites: new versions, unchanged, failed (logged)
+               "feedback": {k: sum(r.get("feedback", {}).get(k, 0) if k != "failed" else
+                                   len(r.get("feedback", {}).get(k, [])) for r in results)
+                            for k in ("rendered", "unchanged", "failed")},
                "findings": findings}
     if summary["data_docs"]:
         create_link_artifact(key=f"data-docs-{trial_code.lower()}", link=f"file://{summary['data_docs']}",
@@ -45,7 +49,9 @@ def _markdown(summary: dict) -> str:
              f"- findings: **{len(summary['findings'])}** ({major} major)",
              f"- deviations new / updated / resolved: {summary['deviations_new']} / "
              f"{summary['deviations_updated']} / {summary['deviations_resolved']}",
-             f"- scanners flagged for re-qualification: {', '.join(summary['scanners_flagged']) or 'none'}", ""]
+             f"- scanners flagged for re-qualification: {', '.join(summary['scanners_flagged']) or 'none'}",
+             f"- series QC notes to the sites new / unchanged / failed: {summary['feedback']['rendered']} / "
+             f"{summary['feedback']['unchanged']} / {summary['feedback']['failed']}", ""]
     if summary["findings"]:
         lines += ["| site | subject | visit | rule | severity | expected | observed |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {f['site']} | {f['subject']} | {f['visit']} | {f['rule_id']} | {f['severity']} | "

@@ -54,7 +54,7 @@ _env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoesc
                    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 KINDS = {"accreditation": "Scanner accreditation report", "site_qc": "Site QC report",
-         "trial_deviations": "Trial deviation report"}
+         "trial_deviations": "Trial deviation report", "series_qc": "Series QC note"}
 
 __all__ = ["ReportSpec", "RenderResult", "ReportError", "render_report", "sign_report", "report_rows",
            "report_files", "content_sha256", "KINDS"]
@@ -81,7 +81,8 @@ class ReportSpec:
     data : dict
         JSON-ready content; saved as the report's JSON and hashed (except ``data["meta"]``).
     figures : dict of str to callable
-        Name -> function returning a finished matplotlib Figure; called only when rendering.
+        Name -> function returning a finished matplotlib Figure, or PNG bytes already drawn (an
+        image panel drawn while the volume was in memory); called only when rendering.
     site_id, trial_id : int or None
         The site the report belongs to (a site receives only its own reports) and the trial.
     """
@@ -183,9 +184,10 @@ def render_report(session: Session, spec: ReportSpec, *, data_dir: Path, reports
     fig_dir.mkdir(exist_ok=True)
     figures = {}
     for name, make in spec.figures.items():
-        uri = png_data_uri(make())
-        (fig_dir / f"{name}.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
-        figures[name] = uri
+        made = make()  # a Figure, or PNG bytes drawn earlier (an image figure needs the array in memory)
+        png = made if isinstance(made, bytes) else base64.b64decode(png_data_uri(made).split(",", 1)[1])
+        (fig_dir / f"{name}.png").write_bytes(png)
+        figures[name] = "data:image/png;base64," + base64.b64encode(png).decode()
     now = utcnow()
     report_meta = {"kind": spec.kind, "kind_title": KINDS[spec.kind], "key": spec.key, "title": spec.title,
                    "version": version, "replaces_version": latest.version if latest is not None else None,

@@ -8,6 +8,6 @@ path through the science and report packages.
     services.intake    register, sites, file drops, quarantine
     services.lookup    read-only listings: series, deviations, accreditation, audit, SUV, phantoms
     services.review    queries to sites, waivers
-    services.reports   publish (render + deliver) and sign reports, exports
+    services.reports   publish (render + deliver) and sign reports, per-series QC notes, exports
     services.nightly   the nightly steps: series of the day, register, calibration drift, snapshot
 """

@@ -7,19 +7,24 @@ same function here, so alternating them never makes a new version of an unchange
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from corelab.models import Accreditation, Scanner, Site, Subject, Trial
+from corelab.models import Accreditation, Scanner, Series, Site, Subject, Trial
 from corelab.settings import Settings
 from expectations.manual import trial_fields
 from reports.accreditation import accreditation_report
 from reports.delivery import deliver_report, publish
 from reports.exports import FORMATS, export_trial
+from reports.image_figures import series_qc_png
 from reports.render import ReportError, report_rows, sign_report
+from reports.series_feedback import series_qc_report
 from reports.site_qc import month_period, site_qc_report
 from reports.trial import trial_deviation_report
+
+log = logging.getLogger(__name__)
 
 TRIAL_EXPORT_FORMATS = ("csv", "parquet")
 """What the trial deviation report links: both formats, each carrying the manual version."""
@@ -108,6 +113,79 @@ def sign_and_deliver(session: Session, settings: Settings, report_ref: str, *, s
     return data
 
 
+def series_figure(suv, grid, image_qc) -> bytes:
+    """The QC note's figure (coronal MIP and three planes with the liver VOI) of an analysed
+    series, as PNG bytes; drawn while the volume is in memory (the ``on_image`` hook of
+    :func:`expectations.qc.qc_series_batch`)."""
+    liver = image_qc.liver
+    label = f"liver SUVmean {liver.suv_mean:.2f}" if liver.assessable and liver.suv_mean is not None else \
+        "liver VOI not assessable"
+    return series_qc_png(suv, grid, centre_mm=liver.centre_mm if liver.assessable else None,
+                         radius_mm=liver.radius_mm, label=label)
+
+
+def figure_collector() -> tuple[dict[int, bytes], object]:
+    """``(figures, on_image)``: pass ``on_image`` to the QC; ``figures[series_id]`` then holds
+    each analysed series' note figure (PNG bytes, not the volume: a batch stays small)."""
+    figures: dict[int, bytes] = {}
+
+    def on_image(series, suv, grid, image_qc) -> None:
+        figures[series.id] = series_figure(suv, grid, image_qc)
+
+    return figures, on_image
+
+
+def _figure_from_files(session: Session, settings: Settings, series: Series) -> bytes | None:
+    """The note figure of a judged series, from its files (when the QC's figure is not at hand)."""
+    from expectations.qc import image_columns, series_headers
+
+    figures, on_image = figure_collector()
+    image_columns(session, settings, series, series.header_row, series_headers(session, settings, series)[0],
+                  on_image=on_image)
+    return figures.get(series.id)
+
+
+def publish_series_feedback(session: Session, settings: Settings, series_id: int, *,
+                            figure_png: bytes | None = None, deliver: bool = True, actor: str = "qc") -> dict:
+    """Render the QC note of one judged trial PET series and deliver it to its site.
+
+    Called right after the series' QC (:func:`publish_feedback_after_qc`); the site gets it in
+    its outbox, by e-mail when configured, and in the portal. An unchanged note makes no new
+    version and is not delivered again. ``figure_png`` is the figure drawn at QC time; without
+    it, the figure is drawn again from the series' files (same input, same picture).
+    """
+    series = session.get(Series, series_id)
+    if series is None:
+        raise ReportError(f"no series {series_id}")
+    if figure_png is None and (series.header_row or {}).get("liver_assessable") is not None:
+        figure_png = _figure_from_files(session, settings, series)
+    spec = series_qc_report(session, series_id, figure_png=figure_png)
+    return publish(session, settings, spec, deliver=deliver, actor=actor)
+
+
+def publish_feedback_after_qc(settings: Settings, series_ids: list[int], figures: dict[int, bytes], *,
+                              actor: str = "qc") -> dict:
+    """After a QC batch committed: the QC note of each judged trial PET series, one transaction
+    each. A note that fails is logged and counted; it never undoes the QC (the deviations stand)."""
+    from corelab.db import session_scope
+
+    out: dict = {"rendered": 0, "unchanged": 0, "failed": []}
+    for series_id in series_ids:
+        try:
+            with session_scope(settings) as session:
+                series = session.get(Series, series_id)
+                if series is None or series.qc_state != "done" or series.modality != "PT" or series.kind != "trial":
+                    continue
+                result = publish_series_feedback(session, settings, series_id, figure_png=figures.get(series_id),
+                                                 actor=actor)
+            out[result["status"]] += 1
+        except Exception as exc:  # noqa: BLE001 - one note must not stop the others
+            log.exception("QC note of series %s failed", series_id)
+            out["failed"].append({"series_id": series_id, "error": f"{type(exc).__name__}: {exc}"})
+    return out
+
+
 __all__ = ["FORMATS", "export_trial_tables", "publish_trial_report", "publish_accreditation_report",
            "publish_trial_accreditation_reports", "publish_site_qc_report", "publish_trial_site_qc_reports",
-           "trial_site_codes", "list_reports", "sign_and_deliver"]
+           "trial_site_codes", "list_reports", "sign_and_deliver", "series_figure", "figure_collector",
+           "publish_series_feedback", "publish_feedback_after_qc"]

@@ -36,21 +36,37 @@ so each can be found alone; :func:`_problem_details` says what each one plants i
                  attribute, planted_value, expected, ...]: one entry per affected series.
                 Visit-level problems (scanner_not_accredited, followup_on_other_scanner,
                 software_version_changed) list the PT and the CT series of the visit; the
-                others list one PT series.
+                others list one PT series. The image problems (IMAGE_PROBLEMS) leave every
+                header valid:
+                liver_calibration_error  PET pixels scaled so the liver reads planted_value
+                    (SUVbw, spec.problem_liver_suv) instead of expected (2.2); image_scale
+                ct_misaligned  the CT content moved by planted_value [x, y, z] mm (CT minus PET);
+                    the CT series also lists the code in its problems, and its truth has
+                    shift_vs_pet_mm
+                missing_bed_position  planes z_from_mm..z_to_mm (plane centres; planes,
+                    instance_numbers) keep residual_fraction of their counts
+                noisy_scan  voxel noise CoV at the liver planted_value % instead of expected %
+    Trial PT truth also has liver_suv_true (noise-free liver SUVbw the image reads: 2.2, or
+    the calibration error's value), noise_fwhm_mm, and noise_cov (as used for that series).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from corelab.grid import Grid
 from synth.dicom_header import PetSeriesHeader
-from synth.series import _rng, _Visit
+from synth.patient import LIVER_DOME_Z_MM, LIVER_SUV
+from synth.series import _pet_grid, _rng, _Visit
 from synth.spec import PROBLEM_CODES, TrialSpec
 
-__all__ = ["GROUND_TRUTH_SCHEMA_VERSION", "GroundTruth"]
+__all__ = ["GROUND_TRUTH_SCHEMA_VERSION", "IMAGE_PROBLEMS", "GroundTruth"]
 
 GROUND_TRUTH_SCHEMA_VERSION = 1
 
@@ -62,7 +78,18 @@ _SERIES_PROBLEMS = (
     "dose_in_mbq",
     "patient_name_in_header",
     "missing_slice",
+    "liver_calibration_error",
+    "ct_misaligned",
+    "missing_bed_position",
+    "noisy_scan",
 )
+
+# Problems that leave a series without a liver SUL to compare (SUV not computable, quarantined,
+# or a plane missing from the liver).
+_NO_LIVER_SUL = frozenset({"missing_weight", "wrong_units", "patient_name_in_header", "missing_slice"})
+
+#: Problems in the pixels only: every header stays valid, so header checks cannot see them.
+IMAGE_PROBLEMS = ("liver_calibration_error", "ct_misaligned", "missing_bed_position", "noisy_scan")
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,7 +188,11 @@ def _place_problems(spec: TrialSpec, visits: list[_Visit], seed: int) -> None:
                              f"with software_after_upgrade (tried {ids})")
         target.problems.append("software_version_changed")
 
-    series_problems = [p for p in _SERIES_PROBLEMS if p in wanted]
+    # The problems that must fall on a follow-up go first, while follow-ups with a usable
+    # baseline are left.
+    followup_only = ("uptake_out_of_window", "liver_calibration_error")
+    series_problems = sorted((p for p in _SERIES_PROBLEMS if p in wanted), key=lambda p: p not in followup_only)
+    kept_baselines: set[str] = set()  # subjects whose baseline stays clean, as the liver reference
     candidates = [v for v in visits if clean(v)]
     order = rng.permutation(len(candidates))
     candidates = [candidates[i] for i in order]
@@ -173,6 +204,13 @@ def _place_problems(spec: TrialSpec, visits: list[_Visit], seed: int) -> None:
             # On a follow-up, so the consequent "differs from baseline uptake" finding falls on
             # the same series and the baseline stays clean.
             pool = [v for v in candidates if v.visit_index > 0]
+        if code == "liver_calibration_error":
+            # Likewise, and on a follow-up whose baseline keeps a computable liver SUL: the
+            # follow-up versus baseline comparison then has both values and fires on this series.
+            usable = {v.subject for v in visits
+                      if v.visit_index == 0 and not set(v.problems) & _NO_LIVER_SUL}
+            pool = [v for v in candidates if v.visit_index > 0 and v.subject in usable]
+        pool = [v for v in pool if not (v.visit_index == 0 and v.subject in kept_baselines)]
         pool = [v for v in pool if not v.problems]
         if not pool:
             raise ValueError(f"no clean visit left for problem {code}: add subjects to the spec")
@@ -181,6 +219,41 @@ def _place_problems(spec: TrialSpec, visits: list[_Visit], seed: int) -> None:
         used_subjects[pick.subject] = used_subjects.get(pick.subject, 0) + 1
         if code == "uptake_out_of_window":
             pick.uptake_min = spec.problem_uptake_min
+        if code == "liver_calibration_error":
+            kept_baselines.add(pick.subject)
+        if code == "ct_misaligned":
+            axis = int(rng.integers(2))  # x or y: the patient slid sideways or sank
+            sign = 1.0 if rng.random() < 0.5 else -1.0
+            shift = [0.0, 0.0, 0.0]
+            shift[axis] = sign * spec.problem_ct_shift_mm
+            pick.ct_shift_mm = (shift[0], shift[1], shift[2])
+        if code == "missing_bed_position":
+            pick.bed_gap_planes = _bed_gap(spec, _pet_grid(spec, spec.scanner(pick.scanner)))
+
+
+# A failed bed position starts this far above the liver dome, so that the liver and its
+# reference VOI stay whole (the liver_suv rules must not fire on it).
+_BED_GAP_ABOVE_LIVER_MM = 10.0
+
+
+def _bed_gap(spec: TrialSpec, grid: Grid) -> tuple[int, int]:
+    """Planes ``[start, stop)`` of a failed bed position: ``spec.problem_bed_gap_mm`` long
+    (shortened to fit, never below 10 mm), above the liver and inside the central 90 % of the
+    field of view, as low as allowed."""
+    dz = grid.voxel_mm[0]
+    n = grid.shape[0]
+    z = grid.axes_mm()[0] - grid.centre_mm[2]  # plane centres relative to the grid centre
+    margin = 0.05 * n * dz
+    lo_edge = max(-0.5 * n * dz + margin, LIVER_DOME_Z_MM + _BED_GAP_ABOVE_LIVER_MM)
+    hi_edge = 0.5 * n * dz - margin
+    allowed = np.flatnonzero((z - 0.5 * dz >= lo_edge) & (z + 0.5 * dz <= hi_edge))
+    want = max(round(spec.problem_bed_gap_mm / dz), math.ceil(10.0 / dz))
+    length = min(want, allowed.size)
+    if allowed.size == 0 or length * dz < 10.0:
+        raise ValueError(f"missing_bed_position: no 10 mm run of planes above the liver fits in "
+                         f"the central 90 % of a {n} x {dz} mm grid")
+    start = int(allowed[0])
+    return start, start + length
 
 
 def _problem_entry(code: str, v: _Visit, series: dict[str, Any], **details: Any) -> dict[str, Any]:
@@ -232,6 +305,36 @@ def _problem_details(code: str, v: _Visit, spec: TrialSpec, pet: PetSeriesHeader
                 "expected": v.subject}
     if code == "missing_slice":
         return {}  # filled in by the writer, which knows the plane left out
+    if code == "liver_calibration_error":
+        return {"attribute": "liver_suv_mean", "planted_value": spec.problem_liver_suv,
+                "expected": LIVER_SUV, "unit": "SUVbw",
+                "image_scale": spec.problem_liver_suv / LIVER_SUV,
+                "related_checks": ["liver_sul_vs_baseline"],
+                "note": "the PET pixel values are scaled (a dose or scanner calibration error); "
+                        "the headers are unchanged"}
+    if code == "ct_misaligned":
+        return {"attribute": "ct_shift_mm", "planted_value": list(v.ct_shift_mm),
+                "expected": [0.0, 0.0, 0.0], "unit": "mm",
+                "note": "the patient moved between CT and PET: the CT image content is moved by "
+                        "planted_value (CT minus PET, patient LPS x, y, z); the CT headers, "
+                        "geometry and frame of reference are unchanged"}
+    if code == "missing_bed_position":
+        grid = _pet_grid(spec, scanner)
+        start, stop = v.bed_gap_planes
+        z = grid.axes_mm()[0]
+        return {"attribute": "bed_position", "planted_value": [float(z[start]), float(z[stop - 1])],
+                "expected": "counts in every plane", "unit": "mm",
+                "z_from_mm": float(z[start]), "z_to_mm": float(z[stop - 1]),
+                "planes": list(range(start, stop)),
+                "instance_numbers": list(range(start + 1, stop + 1)),
+                "residual_fraction": spec.problem_bed_residual,
+                "note": "planes present, counts missing: the planes keep residual_fraction of "
+                        "their activity; z_from_mm/z_to_mm are the first and last plane centres"}
+    if code == "noisy_scan":
+        return {"attribute": "liver_cov_pct", "planted_value": 100.0 * spec.problem_noise_cov,
+                "expected": 100.0 * spec.patient_noise_cov, "unit": "%",
+                "note": "short frames: the voxel noise CoV at the liver's activity is raised; "
+                        "ActualFrameDuration is unchanged"}
     raise KeyError(code)
 
 

@@ -3,7 +3,8 @@
 Every random choice is made in the plan, before any file is written, from one
 ``numpy.random.SeedSequence`` tree (:func:`_rng`); UIDs derive from the seed (:func:`_uid`).
 Patient images are SUV maps from :func:`synth.patient.patient_maps` converted to Bq/mL at the
-series start, blurred with the scanner's PSF and given multiplicative noise; headers are
+series start, blurred with the scanner's PSF and given correlated noise whose variance follows
+the activity; the image problems (:func:`_image_problems`) then act on the pixels; headers are
 :class:`synth.dicom_header.PetSeriesHeader` / :class:`~synth.dicom_header.CtSeriesHeader`.
 """
 
@@ -19,12 +20,14 @@ from pydicom.uid import generate_uid
 
 from corelab.grid import Grid
 from synth.dicom_header import F18_HALF_LIFE_S, CtSeriesHeader, PetSeriesHeader, format_da, format_dt, format_tm
-from synth.imaging import add_noise, blur_fwhm
-from synth.patient import Lesion, patient_maps
+from synth.imaging import blur_fwhm, reconstruction_noise
+from synth.patient import LIVER_SUV, Lesion, patient_maps
 from synth.spec import ScannerSpec, TrialSpec
 
 # Fictitious placeholder names (the German "John/Jane Doe"), chosen by sex.
-_PLANTED_NAMES = {"F": "MUSTERMANN^ERIKA", "M": "MUSTERMANN^MAX"}
+# Each part at least 6 letters: the leak tests search every stored byte (pixel data and base64
+# figures included) for each part, and a 3-letter part ("MAX") turns up there by chance.
+_PLANTED_NAMES = {"F": "MUSTERMANN^ERIKA", "M": "MUSTERMANN^MAXIMILIAN"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,6 +53,10 @@ class _Visit:
     lesions: list[Lesion]
     seed_key: tuple[int, ...]
     problems: list[str] = field(default_factory=list)
+    # Set by the image problems when placed (synth.problems): the patient's move between CT and
+    # PET (CT minus PET, patient x, y, z in mm) and the failed bed position's planes [start, stop).
+    ct_shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    bed_gap_planes: tuple[int, int] | None = None
 
     @property
     def series_start(self) -> dt.datetime:
@@ -172,19 +179,48 @@ def _visit_truth(v: _Visit) -> dict[str, float]:
 def _visit_images(
     spec: TrialSpec, v: _Visit, seed: int
 ) -> tuple[Grid, np.ndarray, np.ndarray, np.ndarray]:
-    """Grid, PET activity (Bq/mL at series start), CT (HU) and true SUV map of one visit."""
+    """Grid, PET activity (Bq/mL at series start), CT (HU) and true SUV map of one visit.
+
+    The image problems of the visit are in the returned PET and CT; the SUV map is the
+    patient's (no calibration error, no gap, not moved).
+    """
     scanner = spec.scanner(v.scanner)
     grid = _pet_grid(spec, scanner)
     rng = _rng(seed, *v.seed_key)
     maps = patient_maps(grid, rng=rng, lesions=v.lesions)
     bq_ml_per_suv = 1.0 / _visit_truth(v)["suvbw_factor_g_per_bq"]  # g/mL tissue density 1
     activity = blur_fwhm(maps.suv.astype(np.float64) * bq_ml_per_suv, grid.voxel_mm,
-                                 scanner.psf_fwhm_mm)
-    if spec.patient_noise_cov > 0:
-        activity = add_noise(activity, rng=rng, cov=spec.patient_noise_cov)
-    return grid, np.asarray(activity, dtype=np.float64), maps.hu, maps.suv
+                         scanner.psf_fwhm_mm)
+    noise_cov = _visit_noise_cov(spec, v)
+    if noise_cov > 0:
+        # The noise is set at the liver, where the reference VOI reads it.
+        activity = reconstruction_noise(activity, grid.voxel_mm, rng=rng, cov=noise_cov,
+                                        level_kbq_ml=LIVER_SUV * bq_ml_per_suv,
+                                        fwhm_mm=spec.patient_noise_fwhm_mm)
+    activity = np.asarray(activity, dtype=np.float64)
+    hu = maps.hu
+    if "liver_calibration_error" in v.problems:
+        # A dose calibrator or scanner calibration error scales the whole image; nothing in the
+        # header shows it.
+        activity *= spec.problem_liver_suv / LIVER_SUV
+    if v.bed_gap_planes is not None:
+        start, stop = v.bed_gap_planes
+        activity[start:stop] *= spec.problem_bed_residual
+    if any(v.ct_shift_mm):
+        # The patient moved between the CT and the PET: the CT shows them elsewhere, under the
+        # same frame of reference and geometry.
+        hu = patient_maps(grid, rng=rng, lesions=v.lesions, shift_mm=v.ct_shift_mm).hu
+    return grid, activity, hu, maps.suv
 
 
+def _visit_noise_cov(spec: TrialSpec, v: _Visit) -> float:
+    """Voxel CoV of the visit's PET noise at the liver: short frames (``noisy_scan``) raise it."""
+    return spec.problem_noise_cov if "noisy_scan" in v.problems else spec.patient_noise_cov
+
+
+def _liver_suv_true(spec: TrialSpec, v: _Visit) -> float:
+    """The noise-free liver SUVbw the visit's PET reads (its calibration error included)."""
+    return spec.problem_liver_suv if "liver_calibration_error" in v.problems else LIVER_SUV
 
 
 # --------------------------------------------------------------------------------------------

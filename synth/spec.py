@@ -30,6 +30,11 @@ PROBLEM_CODES: tuple[str, ...] = (
     "dose_in_mbq",
     "patient_name_in_header",
     "missing_slice",
+    # Image problems: the headers stay valid; only the pixels (or the CT's content) are wrong.
+    "liver_calibration_error",
+    "ct_misaligned",
+    "missing_bed_position",
+    "noisy_scan",
 )
 
 
@@ -194,10 +199,28 @@ class TrialSpec:
     followup_uptake_max_delta_min : float
         Follow-up uptake stays within this many minutes of the baseline uptake.
     patient_noise_cov : float
+        Voxel coefficient of variation of the trial PET noise at the liver's activity
+        (dimensionless); the noise is correlated and its variance follows the activity, as in
+        the phantoms (:func:`synth.imaging.reconstruction_noise`). 0.10 reads as a liver CoV of
+        about 10 % in a 3 cm VOI, as clinical scans show.
+    patient_noise_fwhm_mm : float
+        Correlation FWHM of the trial PET noise, mm.
     problems : tuple of str
         Problems to inject (see :data:`PROBLEM_CODES`).
     problem_uptake_min : float
         Uptake time written by ``uptake_out_of_window``.
+    problem_liver_suv : float
+        Liver SUV the ``liver_calibration_error`` scan reads (the image is scaled; headers are
+        unchanged).
+    problem_ct_shift_mm : float
+        How far the patient moved between CT and PET in ``ct_misaligned``, mm (along x or y).
+    problem_bed_gap_mm : float
+        Axial length of the failed bed position of ``missing_bed_position``, mm (at least
+        10 mm; shortened to fit above the liver and inside the central 90 % of the FOV).
+    problem_bed_residual : float
+        Fraction of the counts the failed planes keep (scatter from the neighbours).
+    problem_noise_cov : float
+        ``patient_noise_cov`` of the ``noisy_scan`` (short frames).
     date_shift_days : tuple of int
         Range of the per-subject date shift, days.
     software_change_scanner : str or None
@@ -223,9 +246,15 @@ class TrialSpec:
     uptake_min: tuple[float, float] = (60.0, 5.0)
     uptake_limits_min: tuple[float, float] = (55.0, 75.0)
     followup_uptake_max_delta_min: float = 8.0
-    patient_noise_cov: float = 0.05
+    patient_noise_cov: float = 0.10
+    patient_noise_fwhm_mm: float = 6.0
     problems: tuple[str, ...] = PROBLEM_CODES
     problem_uptake_min: float = 95.0
+    problem_liver_suv: float = 3.6
+    problem_ct_shift_mm: float = 15.0
+    problem_bed_gap_mm: float = 30.0
+    problem_bed_residual: float = 0.03
+    problem_noise_cov: float = 0.25
     date_shift_days: tuple[int, int] = (-1500, -400)
     software_change_scanner: str | None = None
 
@@ -350,10 +379,10 @@ def _jsonable_key(key: Any) -> Any:
 
 
 def small_spec() -> TrialSpec:
-    """The demo trial shrunk for tests: 7 subjects, coarse grids, all problems still placed,
+    """The demo trial shrunk for tests: 9 subjects, coarse grids, all problems still placed,
     and a few clean visits left over."""
     spec = TrialSpec.demo()
-    for site, n in zip(spec.sites, (3, 3, 1)):
+    for site, n in zip(spec.sites, (4, 4, 1)):
         site.n_subjects = n
     spec.pet_shape = (20, 48, 48)
     for scanner in spec.scanners:

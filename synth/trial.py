@@ -11,7 +11,9 @@ Physics, kept simple and stated:
 * Patient images are SUV maps from :func:`synth.patient.patient_maps` converted to Bq/mL at
   the series start, ``activity = SUV * decayed_dose_bq / (weight_kg * 1000)`` with
   ``decayed_dose_bq = dose_bq * 2**(-(series_start - injection) / T_half)`` (DecayCorrection
-  START), blurred with the scanner's PSF and given multiplicative noise.
+  START), blurred with the scanner's PSF and given correlated noise whose variance follows the
+  activity (``TrialSpec.patient_noise_cov`` is the voxel CoV at the liver). The image problems
+  (calibration error, CT moved, failed bed position, noisy scan) then act on the pixels only.
 * Phantom images are the fill concentrations decayed from the fill reference time to the scan
   start, times ``1 + calibration_error_pct / 100`` of the scanner, blurred with the scanner's
   phantom PSF, with correlated noise whose variance follows the activity
@@ -56,7 +58,8 @@ from synth.imaging import blur_fwhm, reconstruction_noise
 from synth.problems import (GROUND_TRUTH_SCHEMA_VERSION, _SERIES_PROBLEMS, GroundTruth, _place_problems,
                             _problem_details, _problem_entry)
 from synth.series import (_ct_header_values, _decay_factor, _pet_header_values, _phantom_header,
-                          _plan_subjects, _rng, _trial_headers, _Visit, _visit_images, _visit_truth, _weekday)
+                          _liver_suv_true, _plan_subjects, _rng, _trial_headers, _Visit, _visit_images,
+                          _visit_noise_cov, _visit_truth, _weekday)
 from synth.spec import PhantomSpec, ScannerSpec, TrialSpec, _jsonable
 
 __all__ = ["generate_trial", "visit_activity_bq_ml"]
@@ -116,7 +119,9 @@ def _write_visit(outdir: Path, spec: TrialSpec, v: _Visit, seed: int,
         "suvbw_factor_g_per_bq": truth["suvbw_factor_g_per_bq"],
         "date_shift_days": v.date_shift_days,
         "psf_fwhm_mm": scanner.psf_fwhm_mm,
-        "noise_cov": spec.patient_noise_cov,
+        "noise_cov": _visit_noise_cov(spec, v),
+        "noise_fwhm_mm": spec.patient_noise_fwhm_mm,
+        "liver_suv_true": _liver_suv_true(spec, v),
         "units_of_pixels": "BQML",
         "lesions": [_jsonable(les) for les in v.lesions],
     }
@@ -139,7 +144,8 @@ def _write_visit(outdir: Path, spec: TrialSpec, v: _Visit, seed: int,
         "series_uid": ct.series_uid, "n_files": len(ct_paths), "n_planes_expected": n_planes,
         "missing_instance_numbers": [], "missing_positions_mm": [],
         "header": _jsonable(_ct_header_values(ct)),
-        "truth": {"date_shift_days": v.date_shift_days, "rescale_intercept_hu": -1024.0},
+        "truth": {"date_shift_days": v.date_shift_days, "rescale_intercept_hu": -1024.0,
+                  "shift_vs_pet_mm": list(v.ct_shift_mm)},
         "problems": [],
     }
     problems = []
@@ -149,6 +155,10 @@ def _write_visit(outdir: Path, spec: TrialSpec, v: _Visit, seed: int,
         if code == "missing_slice":
             details = {"attribute": "NumberOfSlices", "planted_value": len(pet_paths),
                        "expected": n_planes, "missing_instance_numbers": [p + 1 for p in omit]}
+        if code == "ct_misaligned":
+            # Reported on the PET (the alignment check reads the pair), but the CT is what changed.
+            details["ct_series_uid"] = ct.series_uid
+            ct_entry["problems"].append(code)
         for entry in targets:
             entry["problems"].append(code)
             problems.append(_problem_entry(code, v, entry, **details))

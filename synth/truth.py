@@ -22,8 +22,21 @@ FINDINGS_OF_PROBLEM: dict[str, frozenset[str]] = {
     "missing_slice": frozenset({"series_complete"}),
     # The other scanner is another vendor's, so the reconstruction differs too.
     "followup_on_other_scanner": frozenset({"same_scanner_as_baseline", "same_reconstruction_as_baseline"}),
+    # Image problems (expectations.image): the headers are valid, the pixels are not.
+    "liver_calibration_error": frozenset({"liver_suv_range"}),
+    "ct_misaligned": frozenset({"petct_alignment"}),
+    "missing_bed_position": frozenset({"bed_position_missing"}),
+    "noisy_scan": frozenset({"liver_noise"}),
 }
 FOLLOWUP_UPTAKE_RULE = "followup_uptake_matches_baseline"
+FOLLOWUP_LIVER_RULE = "liver_sul_vs_baseline"
+
+# Problems that also break a follow-up-versus-baseline comparison, and the rule that reports it
+# on the follow-up (the problem's own series when it is on the follow-up).
+_FOLLOWUP_RULE_OF_PROBLEM = {
+    "uptake_out_of_window": FOLLOWUP_UPTAKE_RULE,
+    "liver_calibration_error": FOLLOWUP_LIVER_RULE,
+}
 
 
 @dataclass
@@ -55,13 +68,15 @@ def expected_findings(truth: dict) -> set[tuple[str, str]]:
         for finding in FINDINGS_OF_PROBLEM[problem["code"]]:
             if finding.startswith("quarantine:") or problem["modality"] == "PT":
                 out.add((problem["series_uid"], finding))
-        if problem["code"] == "uptake_out_of_window":
-            # An out-of-window uptake also breaks the follow-up-versus-baseline match.
+        rule = _FOLLOWUP_RULE_OF_PROBLEM.get(problem["code"])
+        if rule is not None:
+            # An out-of-window uptake or a miscalibrated liver also breaks the follow-up-versus-
+            # baseline match: on the follow-ups when the problem is on the baseline.
             if problem["visit"] == baseline:
                 others = [uid for (subj, visit), uid in pet.items() if subj == problem["subject"] and visit != baseline]
-                out.update((uid, FOLLOWUP_UPTAKE_RULE) for uid in others)
+                out.update((uid, rule) for uid in others)
             else:
-                out.add((problem["series_uid"], FOLLOWUP_UPTAKE_RULE))
+                out.add((problem["series_uid"], rule))
     return out
 
 

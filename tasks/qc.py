@@ -11,6 +11,7 @@ from corelab.models import Series
 from corelab.settings import load_settings
 from expectations.manual import load_manual
 from expectations.qc import mark_nothing_to_check, qc_series_batch, trial_pet_series
+from services import reports
 
 
 @task(name="find-trial-series", task_run_name="find {trial_code} series")
@@ -23,7 +24,8 @@ def find_trial_series(trial_code: str, pending_only: bool = True) -> list[int]:
 
 @task(name="qc-batch", task_run_name="qc {trial_code}: {n_series} series", retries=1, retry_delay_seconds=[5])
 def qc_batch(trial_code: str, series_ids: list[int], n_series: int) -> dict:
-    """Validate one batch of series in one Great Expectations run and record the deviations."""
+    """Validate one batch of series in one Great Expectations run, record the deviations, then
+    publish each series' QC note to its site (:func:`services.reports.publish_feedback_after_qc`)."""
     manual = load_manual(trial_code)
     settings = load_settings()
 
@@ -32,14 +34,19 @@ def qc_batch(trial_code: str, series_ids: list[int], n_series: int) -> dict:
 
     with session_scope(settings) as session:  # committed, so the running state shows while GX runs
         start_running(session, batch(session), actor="qc")
+    figures, on_image = reports.figure_collector()  # the note's figure is drawn while each volume is loaded
     try:
         with session_scope(settings) as session:
-            return qc_series_batch(session, settings, manual, batch(session), docs_dir=settings.data_dir / "gx").as_dict()
+            out = qc_series_batch(session, settings, manual, batch(session), docs_dir=settings.data_dir / "gx",
+                                  on_image=on_image).as_dict()
     except Exception as exc:
         with session_scope(settings) as session:  # a retry starts them again from failed
             move_all(session, [s for s in batch(session) if s.qc_state == "running"], qc_state="failed", actor="qc",
                      reason=f"QC of the batch failed: {type(exc).__name__}: {exc}")
         raise
+    # The judgement is committed: now each site gets its per-series note (seconds after QC).
+    out["feedback"] = reports.publish_feedback_after_qc(settings, series_ids, figures)
+    return out
 
 
 @task(name="mark-non-pet-done", task_run_name="mark CT series checked")

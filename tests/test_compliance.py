@@ -168,7 +168,7 @@ def test_a_new_manual_version_rejudges_and_records_the_version(settings, trial_d
         assert open_versions == {"2.0.0"}
         assert {s.qc_manual_version for s in trial_pet_series(session, v1.trial)} == {"2.0.0"}
         batches = [e.detail for e in session.exec(select(AuditEvent).where(AuditEvent.action == "qc.batch"))]
-        assert [b["manual_version"] for b in batches] == ["1.0.0", "2.0.0"]
+        assert [b["manual_version"] for b in batches] == [v1.version, "2.0.0"]
         assert any(r["rule_id"] == "uptake_window" for r in batches[1]["resolved"])
 
 
