@@ -14,6 +14,7 @@ median and the p95 over 20 series (target p95 < 60 s), and the stability window 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,16 +31,6 @@ N_SERIES, STABLE_S, TARGET_S = 20, 5.0, 60.0
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 SKIP = {"patient_name_in_header", "wrong_units", "missing_weight"}  # quarantined, or no SUV: no image note
-
-
-def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -94,14 +84,15 @@ def main() -> None:
     from corelab.db import session_scope
     from expectations.manual import trial_fields
     from flows.demo_data import demo_first_scan_date, synthesize_demo_trial
-    from synth.net import free_port, wait_port
+    from synth.net import free_port, wait_for, wait_port
 
     storescu = shutil.which("storescu")
     if storescu is None:
         print("turnaround: dcmtk's storescu is missing (`make system-deps`)")
         return
     work = Path(tempfile.mkdtemp(prefix="corelab-bench-turnaround-"))
-    truth = synthesize_demo_trial(work / "trial", 0, demo_first_scan_date())
+    synthesize_demo_trial(work / "trial", 0, demo_first_scan_date())
+    truth = json.loads((work / "trial" / "ground_truth.json").read_text())
     settings = load_settings({"CORELAB_DATA_DIR": str(work / "data")})
     with session_scope(settings) as s:
         load_register(s, work / "trial" / "register.yaml", trial_fields=trial_fields)
@@ -119,16 +110,22 @@ def main() -> None:
     api = f"http://127.0.0.1:{prefect_port}/api"
     serve = None
     try:
-        _wait(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200 if server.poll() is None else
-              (_ for _ in ()).throw(RuntimeError((work / "server.log").read_text()[-2000:])), 120,
-              "Prefect server healthy")
+        def healthy() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"prefect server exited:\n{(work / 'server.log').read_text()[-2000:]}")
+            try:
+                return httpx.get(f"{api}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 120, what="Prefect server healthy")
         client_env = {**base_env, "PREFECT_API_URL": api, "PREFECT_HOME": str(work / "prefect-client"),
                       "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                       "GX_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO),
                       "CORELAB_DATA_DIR": str(settings.data_dir)}
         serve = _start([str(BIN / "corelab"), "serve", "--port", str(dicom_port), "--bind", "127.0.0.1",
                         "--stable-s", str(STABLE_S), "--no-portal"], client_env, work / "serve.log")
-        _wait(lambda: "listening on port" in (work / "serve.log").read_text(), 180, "corelab serve ready")
+        wait_for(lambda: "listening on port" in (work / "serve.log").read_text(), 180, what="corelab serve ready")
         wait_port(dicom_port, 10)
         turnarounds = []
         print(f"{'series':>6s}  {'site':4s} {'subject':16s} {'visit':9s} {'turnaround s':>12s}", flush=True)
@@ -138,8 +135,8 @@ def main() -> None:
                 files = sorted((work / "trial" / series["path"]).glob("*.dcm"))
                 subprocess.run([storescu, "-aet", ae_of[pet["site"]], "-aec", "CORELAB", "127.0.0.1",
                                 str(dicom_port), *map(str, files)], check=True, capture_output=True, timeout=300)
-            delivered = _wait(lambda: _delivered_at(settings, pet["series_uid"]), 300,
-                              f"the QC note of series {i}", interval_s=0.25)
+            delivered = wait_for(lambda: _delivered_at(settings, pet["series_uid"]), 300, interval_s=0.25,
+                                 what=f"the QC note of series {i}")
             seconds = (delivered - _stable_at(settings, pet["series_uid"])).total_seconds()
             turnarounds.append(seconds)
             print(f"{i:6d}  {pet['site']:4s} {pet['subject']:16s} {pet['visit']:9s} {seconds:12.1f}", flush=True)

@@ -1,11 +1,11 @@
-"""Local TCP ports for the DICOM nodes the tests and the benchmarks start."""
+"""Local TCP ports for the servers the tests and the benchmarks start, and waiting for them."""
 
 from __future__ import annotations
 
 import socket
 import time
 
-__all__ = ["free_port", "wait_port"]
+__all__ = ["free_port", "wait_for", "wait_port"]
 
 
 def free_port() -> int:
@@ -22,3 +22,14 @@ def wait_port(port: int, timeout_s: float = 30.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.1, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value (returned) or ``timeout_s`` passes (AssertionError)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from sqlalchemy import func
@@ -16,7 +15,7 @@ from corelab.models import AuditEvent, Instance, Series
 from corelab.receiver import Receiver, ReceiverConfig
 from corelab.register import add_site
 from corelab.settings import Settings
-from synth.net import free_port, wait_port  # noqa: F401  (re-exported to the tests)
+from synth.net import free_port, wait_for, wait_port  # noqa: F401  (re-exported to the tests)
 from synth.small_series import write_pet_slices
 
 STORESCU = "/usr/bin/storescu"
@@ -77,16 +76,6 @@ def assert_store_exact(session: Session, data_dir: Path, sop_uids: set[str]) -> 
 def qc_claims(session: Session, series_uid: str) -> int:
     return len(session.exec(select(AuditEvent).where(AuditEvent.action == "series.qc_queued",
                                                      AuditEvent.entity_id == series_uid)).all())
-
-
-def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.1, what: str = "condition"):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def series_by_uid(session: Session, uid: str) -> Series | None:
