@@ -112,19 +112,58 @@ def sul_per_suv(dataset: pydicom.Dataset, weight_kg: float | None) -> float | No
     return norm.value / weight
 
 
-def study_ct(session: Session, settings: Settings, series: Series) -> Volume | None:
-    """The CT (HU) of the PET series' study, when one is complete and loads; else None."""
+STANDARD_AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+"""ImageOrientationPatient the image checks assume (:class:`corelab.grid.Grid`'s axes)."""
+MIN_CT_PLANES, MIN_CT_COVER = 10, 0.8
+"""A CT is the study's attenuation CT when it has this many planes and covers this share of the
+PET's axial extent (a topogram, or a chest-only CT, is not one)."""
+
+
+def geometry_problem(volume: Volume) -> str:
+    """Why a volume's planes cannot be placed on a :class:`~corelab.grid.Grid`, or ''."""
+    if not np.allclose(volume.orientation, STANDARD_AXIAL, atol=1e-3):
+        return (f"the slices are not in the standard axial orientation (ImageOrientationPatient "
+                f"{[round(v, 3) for v in volume.orientation]})")
+    if min(volume.voxel_mm) <= 0:
+        return "the slice spacing or pixel spacing is missing or zero"
+    if volume.has_gaps:
+        return "slices are missing, so the planes do not sit on one grid"
+    return ""
+
+
+def ct_problem(pet: Volume, ct: Volume) -> str:
+    """Why a CT cannot serve as the PET's attenuation CT (alignment, liver HU), or ''."""
+    problem = geometry_problem(ct)
+    if problem:
+        return f"the CT: {problem}"
+    if ct.array.shape[0] < MIN_CT_PLANES:
+        return f"the CT has {ct.array.shape[0]} planes (a localiser?)"
+    pet_lo, pet_hi = float(pet.positions_mm[0]), float(pet.positions_mm[-1])
+    ct_lo, ct_hi = float(ct.positions_mm[0]), float(ct.positions_mm[-1])
+    cover = max(0.0, min(pet_hi, ct_hi) - max(pet_lo, ct_lo)) / max(pet_hi - pet_lo, 1e-6)
+    if cover < MIN_CT_COVER:
+        return f"the CT covers {100 * cover:.0f} % of the PET's axial extent (at least {100 * MIN_CT_COVER:.0f} % needed)"
+    return ""
+
+
+def study_ct(session: Session, settings: Settings, series: Series, pet: Volume) -> tuple[Volume | None, str]:
+    """The attenuation CT (HU) of the PET series' study and '', or None and why there is none."""
     if series.study_id is None:
-        return None
+        return None, "no CT in the study"
     cts = session.exec(select(Series).where(Series.study_id == series.study_id, Series.modality == "CT",
                                             Series.state == "complete").order_by(col(Series.id))).all()
+    reason = "no CT in the study"
     for ct in cts:
         try:
-            return load_volume(series_files(settings, session, ct))
-        except (DicomVolumeError, OSError, ValueError) as exc:  # a CT that does not stack: PET/CT not assessed
-            log.warning("CT series %s of study %s does not load (%s); PET/CT alignment not assessed",
-                        ct.series_uid, series.study_id, exc)
-    return None
+            volume = load_volume(series_files(settings, session, ct))
+        except (DicomVolumeError, OSError, ValueError) as exc:  # a CT that does not stack: try the next one
+            log.warning("CT series %s of study %s does not load (%s)", ct.series_uid, series.study_id, exc)
+            reason = "the study's CT does not form one volume"
+            continue
+        reason = ct_problem(pet, volume)
+        if not reason:
+            return volume, ""
+    return None, reason
 
 
 def image_columns(session: Session, settings: Settings, series: Series, row: dict, first: pydicom.Dataset,
@@ -144,17 +183,25 @@ def image_columns(session: Session, settings: Settings, series: Series, row: dic
     try:
         volume = load_volume(series_files(settings, session, series))
     except (DicomVolumeError, OSError, ValueError) as exc:
-        # SUV is known but the slices do not form a volume: the liver check says so.
-        out.update(liver_assessable=False, liver_reason=f"the PET slices do not form one volume: {exc}")
+        # SUV is known but the slices do not form a volume: the liver check says so (the error's
+        # kind only: its text names spool paths, which are no business of the site's note).
+        out.update(liver_assessable=False, liver_reason=f"the PET slices do not form one volume ({type(exc).__name__})")
+        return out
+    problem = geometry_problem(volume)
+    if problem and not volume.has_gaps:
+        # Positions cannot be trusted: the liver would be searched on the wrong side. Withheld.
+        out.update(liver_assessable=False, liver_reason=f"not assessed: {problem}")
         return out
     suv = volume.array * np.float32(factor)
-    ct = study_ct(session, settings, series)
+    # Missing slices: the planes above a gap would sit too low, so PET/CT alignment is not judged
+    # (series_complete reports the gap); the liver statistics do not depend on it.
+    ct, ct_reason = (None, f"the PET: {problem}") if problem else study_ct(session, settings, series, volume)
     try:
         qc = analyse_pet(suv, volume.grid, sul_per_suv=sul_per_suv(first, row.get("weight_kg")),
                          ct_hu=ct.array if ct is not None else None, ct_grid=ct.grid if ct is not None else None)
     except Exception as exc:  # noqa: BLE001 - an image the analysis cannot take must not stop the batch's header QC
         log.exception("image QC of series %s failed", series.series_uid)
-        out.update(liver_assessable=False, liver_reason=f"the image analysis failed ({type(exc).__name__}: {exc})")
+        out.update(liver_assessable=False, liver_reason=f"the image analysis failed ({type(exc).__name__})")
         return out
     cols = qc.columns()
     centre = cols.pop("liver_voi_centre_mm", None) or (None, None, None)
@@ -163,9 +210,12 @@ def image_columns(session: Session, settings: Settings, series: Series, row: dic
     out.update({k: v for k, v in cols.items() if k in out})
     out.update(liver_reason=qc.liver.reason or "", liver_voi_x_mm=centre[0], liver_voi_y_mm=centre[1],
                liver_voi_z_mm=centre[2], bed_dip_z_from_mm=dip.get("z_from_mm"), bed_dip_z_to_mm=dip.get("z_to_mm"),
-               petct_reason=qc.petct_reason or ("" if ct is not None else "no CT in the study"))
+               petct_reason=ct_reason if ct is None else qc.petct_reason)
     if on_image is not None:
-        on_image(series, suv, volume.grid, qc)
+        try:
+            on_image(series, suv, volume.grid, qc)
+        except Exception:  # noqa: BLE001 - a figure that cannot be drawn must never undo or block the QC
+            log.exception("the QC note figure of series %s could not be drawn", series.series_uid)
     return out
 
 

@@ -202,7 +202,7 @@ def _rejudge(settings, series_id, monkeypatch, **patches):
 def test_scan_without_ct_has_no_alignment_check(lab, monkeypatch):
     settings, _ = lab
     sid = next(sid for sid, _, r, _ in _pet(settings) if r.get("suv_factor_g_per_bq") is not None)
-    row, devs = _rejudge(settings, sid, monkeypatch, study_ct=lambda *a: None)
+    row, devs = _rejudge(settings, sid, monkeypatch, study_ct=lambda *a: (None, "no CT in the study"))
     assert row.get("petct_shift_mm") is None and row.get("petct_shift_x_mm") is None and row["petct_reason"]
     assert "petct_alignment" not in devs
 
@@ -288,3 +288,63 @@ def test_series_qc_notes_published_after_qc_and_idempotent(lab):
             assert rule in text
         checked += 1
     assert checked
+
+
+def _volume(planes: int, *, z0: float = 0.0, dz: float = 4.0, orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+            gaps=()):
+    from corelab.dicomio import Volume
+
+    return Volume(array=np.ones((planes, 8, 8), np.float32), voxel_mm=(dz, 4.0, 4.0), origin_mm=(0.0, 0.0, z0),
+                  orientation=orientation, positions_mm=z0 + dz * np.arange(planes), paths=[],
+                  missing_positions_mm=list(gaps))
+
+
+def test_the_attenuation_ct_must_cover_the_pet():
+    """A topogram, a chest-only CT or a CT of another orientation is not the PET's CT: alignment
+    and the liver's HU are then not judged (a false major misalignment otherwise)."""
+    from expectations.qc import ct_problem
+
+    pet = _volume(48)
+    assert ct_problem(pet, _volume(96, dz=2.0)) == ""
+    assert "localiser" in ct_problem(pet, _volume(1))
+    assert "covers 41 %" in ct_problem(pet, _volume(40, z0=108.0, dz=2.0))
+    assert "orientation" in ct_problem(pet, _volume(96, dz=2.0, orientation=(0, 1, 0, 0, 0, -1)))
+
+
+def test_pet_geometry_problems_withhold_what_depends_on_positions():
+    from expectations.qc import geometry_problem
+
+    assert geometry_problem(_volume(48)) == ""
+    assert "missing" in geometry_problem(_volume(47, gaps=[40.0]))
+    assert "orientation" in geometry_problem(_volume(48, orientation=(-1, 0, 0, 0, 1, 0)))
+    assert "zero" in geometry_problem(_volume(48, dz=0.0))
+
+
+def test_missing_slices_or_a_scout_ct_never_raise_a_misalignment(lab, monkeypatch):
+    """With a gap in the PET's slices its planes are not on one grid: no PET/CT verdict (the gap
+    is series_complete's). A scout-like CT: no CT, and the liver is still found on the PET."""
+    from corelab.dicomio import load_volume
+
+    settings, _ = lab
+    sid = next(sid for sid, _, r, _ in _pet(settings) if r.get("suv_factor_g_per_bq") is not None)
+
+    def with_gap(paths):
+        volume = load_volume(paths)
+        if volume.units == "HU":
+            return volume
+        volume.missing_positions_mm = [float(volume.positions_mm[5]) + 1.0]
+        return volume
+
+    row, devs = _rejudge(settings, sid, monkeypatch, load_volume=with_gap)
+    assert row.get("petct_shift_mm") is None and "missing" in row["petct_reason"]
+    assert "petct_alignment" not in devs and row["liver_assessable"] is True
+
+    def scout_ct(paths):
+        volume = load_volume(paths)
+        if volume.units == "HU":
+            volume.array, volume.positions_mm = volume.array[:1], volume.positions_mm[:1]
+        return volume
+
+    row, devs = _rejudge(settings, sid, monkeypatch, load_volume=scout_ct)
+    assert row.get("petct_shift_mm") is None and "localiser" in row["petct_reason"]
+    assert row["liver_assessable"] is True and "petct_alignment" not in devs

@@ -99,7 +99,8 @@ def find_liver_centre(sm: np.ndarray, work: Grid, level: float, ct_work: np.ndar
     if ct_work is not None:
         lo_hu, hi_hu = params["liver_hu_range"]
         with np.errstate(invalid="ignore"):
-            allowed &= (ct_work >= lo_hu) & (ct_work <= hi_hu)
+            # Outside the CT's field of view (NaN) the CT says nothing: the PET alone decides there.
+            allowed &= np.isnan(ct_work) | ((ct_work >= lo_hu) & (ct_work <= hi_hu))
     lo, hi = params["liver_band_coarse"]
     coarse = _largest(allowed & (rel >= lo) & (rel <= hi))
     min_ml = params["min_liver_ml"]
