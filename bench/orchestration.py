@@ -27,7 +27,7 @@ N_SITES, SUBJECTS_PER_SITE = 10, 10
 
 
 def _spec():
-    from synth.spec import ScannerSpec, SiteSpec, TrialSpec
+    from synth.spec import SiteSpec, TrialSpec
 
     demo = TrialSpec.demo()
     accredited = [s for s in demo.scanners if s.accredited]

@@ -49,14 +49,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _delivered_at(settings, series_uid: str):
     """When the QC note of a series was first delivered (its report.deliver event), or None."""
-    import hashlib
-
     from sqlmodel import col, select
 
     from corelab.db import session_scope
     from corelab.models import AuditEvent, Report
+    from reports.series_feedback import uid_digest
 
-    digest = hashlib.sha256(series_uid.encode()).hexdigest()[:10]  # the note's key ends with it
+    digest = uid_digest(series_uid)  # the note's key ends with it
     with session_scope(settings) as s:
         report = s.exec(select(Report).where(Report.kind == "series_qc", col(Report.path).contains(digest))
                         .order_by(col(Report.id))).first()

@@ -16,18 +16,22 @@ from sqlmodel import Session, col, select
 from corelab.models import Deviation, Scanner, Series, Site, Study, Subject, Trial, Visit
 from reports.render import ReportError, ReportSpec
 
-__all__ = ["series_qc_report", "series_key", "OUTSTANDING"]
+__all__ = ["series_qc_report", "series_key", "uid_digest", "OUTSTANDING"]
 
 OUTSTANDING = ("open", "queried")
 """Deviation states that still stand: a major one of these makes the scan not evaluable."""
 FIGURE = "liver_voi"
 
 
+def uid_digest(series_uid: str) -> str:
+    """The short hash of a series UID that ends its note's key (and so its path)."""
+    return hashlib.sha256(series_uid.encode()).hexdigest()[:10]
+
+
 def series_key(series: Series, pseudonym: str | None, visit: str | None) -> str:
     """Report key: pseudonym, visit and a short hash of the series UID (UIDs are long and a
     subject's visit may hold more than one PET series)."""
-    digest = hashlib.sha256(series.series_uid.encode()).hexdigest()[:10]
-    return "_".join(part for part in (pseudonym, visit, digest) if part)
+    return "_".join(part for part in (pseudonym, visit, uid_digest(series.series_uid)) if part)
 
 
 def _value(row: dict, column: str):

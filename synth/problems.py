@@ -70,19 +70,9 @@ __all__ = ["GROUND_TRUTH_SCHEMA_VERSION", "IMAGE_PROBLEMS", "GroundTruth"]
 
 GROUND_TRUTH_SCHEMA_VERSION = 1
 
-# Problems that belong to one PET series; the others belong to a whole visit (PT and CT).
-_SERIES_PROBLEMS = (
-    "uptake_out_of_window",
-    "missing_weight",
-    "wrong_units",
-    "dose_in_mbq",
-    "patient_name_in_header",
-    "missing_slice",
-    "liver_calibration_error",
-    "ct_misaligned",
-    "missing_bed_position",
-    "noisy_scan",
-)
+# Problems that belong to a whole visit (PT and CT); every other one belongs to one PET series.
+_VISIT_PROBLEMS = ("scanner_not_accredited", "followup_on_other_scanner", "software_version_changed")
+_SERIES_PROBLEMS = tuple(code for code in PROBLEM_CODES if code not in _VISIT_PROBLEMS)
 
 # Problems that leave a series without a liver SUL to compare (SUV not computable, quarantined,
 # or a plane missing from the liver).

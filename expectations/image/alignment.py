@@ -13,10 +13,15 @@ failed bed position and the end planes take no part in the ``z`` comparison.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage
 
 from corelab.grid import Grid
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+"""A Gaussian's FWHM over its sigma (about 2.3548)."""
 
 __all__ = ["fill_holes_per_plane", "block_mean", "resample_linear", "ct_on_grid", "petct_shift"]
 
@@ -171,7 +176,7 @@ def _pet_lung(rel: np.ndarray, work: Grid, params: dict) -> np.ndarray:
     size = (2 * int(round(params["pet_lung_window_mm"] / work.voxel_mm[0])) + 1, 1, 1)
     # the levels on either side from an in-plane smoothed copy: the extremes of raw noise would
     # bias them apart (noise peaks raise the midpoint into the tissue below the lung)
-    sig = [params["pet_lung_smooth_mm"] / 2.3548 / v for v in work.voxel_mm]
+    sig = [params["pet_lung_smooth_mm"] / FWHM_PER_SIGMA / v for v in work.voxel_mm]
     sig[0] = 0.0
     env = ndimage.gaussian_filter(rel, sigma=sig, mode="nearest")
     lo = ndimage.minimum_filter(env, size=size, mode="nearest")

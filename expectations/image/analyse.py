@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from scipy import ndimage
 
 from corelab.grid import Grid
-from expectations.image.alignment import block_mean, ct_on_grid, petct_shift
+from expectations.image.alignment import FWHM_PER_SIGMA, block_mean, ct_on_grid, petct_shift
 from expectations.image.coverage import axial_coverage_mm, axial_profile, find_bed_dip
 from expectations.image.liver import liver_voi
 from expectations.image.result import DEFAULTS, ImageQc
 
 __all__ = ["analyse_pet", "body_level"]
 
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 
 def body_level(sm: np.ndarray, params: dict) -> float:
@@ -72,7 +70,7 @@ def analyse_pet(suv: np.ndarray, grid: Grid, *, sul_per_suv: float | None = None
 
     factors = tuple(max(1, int(round(p["work_voxel_mm"] / v))) for v in grid.voxel_mm)
     work, wgrid = block_mean(suv, grid, factors)
-    sigma = [p["smooth_fwhm_mm"] / _FWHM_PER_SIGMA / v if n > 1 else 0.0 for v, n in zip(wgrid.voxel_mm, wgrid.shape)]
+    sigma = [p["smooth_fwhm_mm"] / FWHM_PER_SIGMA / v if n > 1 else 0.0 for v, n in zip(wgrid.voxel_mm, wgrid.shape)]
     sm = ndimage.gaussian_filter(work, sigma=sigma, mode="nearest")
     level = body_level(sm, p)
 
