@@ -316,3 +316,53 @@ class WebSession(SQLModel, table=True):
     last_seen_at: datetime = Field(default_factory=utcnow)
     ended_at: datetime | None = None
     via: str = Field(default="password", description="password | oidc")
+
+
+# --- forwarding accepted series to the trial's archive ----------------------------------------------
+
+ArchiveKind = Literal["dicom", "stow"]
+ForwardRule = Literal["all", "evaluable"]
+DeliveryStatus = Literal["pending", "sent", "failed"]
+ARCHIVE_KINDS: tuple[str, ...] = get_args(ArchiveKind)
+FORWARD_RULES: tuple[str, ...] = get_args(ForwardRule)
+DELIVERY_STATUSES: tuple[str, ...] = get_args(DeliveryStatus)
+
+
+class ArchiveDestination(SQLModel, table=True):
+    """A trial's archive. One active row per trial; pointing the trial at another archive retires
+    the row (``active`` False) so the new one receives everything again, while a change of rule or
+    credentials keeps it. No password here: ``password_file`` names a 0600 file in the data
+    directory."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    trial_id: int = Field(foreign_key="trial.id", index=True)
+    kind: str = Field(description="one of ARCHIVE_KINDS: dicom (C-STORE) | stow (STOW-RS)")
+    ae_title: str = Field(default="", max_length=16, description="called AE title (dicom)")
+    host: str = Field(default="", max_length=255, description="archive host (dicom)")
+    port: int | None = Field(default=None, description="archive DICOM port (dicom)")
+    url: str = Field(default="", max_length=2048, description="DICOMweb base URL (stow)")
+    username: str = Field(default="", max_length=255, description="HTTP Basic user (stow)")
+    password_file: str = Field(default="", description="relative to the data directory; empty: no password")
+    rule: str = Field(default="all", description="one of FORWARD_RULES")
+    active: bool = Field(default=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class ArchiveDelivery(SQLModel, table=True):
+    """One instance (one version of a SOP instance) to one destination: idempotent forwarding."""
+
+    __table_args__ = (UniqueConstraint("destination_id", "instance_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    destination_id: int = Field(foreign_key="archivedestination.id", index=True)
+    instance_id: int = Field(foreign_key="instance.id", index=True)
+    series_id: int = Field(foreign_key="series.id", index=True)
+    sop_instance_uid: str = Field(max_length=64)
+    sha256: str = Field(max_length=64, description="sha256 of the file sent")
+    status: str = Field(default="pending", index=True, description="one of DELIVERY_STATUSES")
+    attempts: int = 0
+    last_error: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""),
+                            description="why the last attempt failed (no identifying value)")
+    created_at: datetime = Field(default_factory=utcnow)
+    last_attempt_at: datetime | None = None
+    sent_at: datetime | None = None

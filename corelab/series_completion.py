@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -132,15 +133,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_staging(settings: Settings) -> int:
+    """Remove the STOW-RS staging folders (``<pid>-<hex>``) of processes that are gone.
+
+    A request's folder is removed by the request itself; only a crash leaves one behind. Its
+    parts were never ingested, so never acknowledged: the client sends them again. Returns the
+    number of folders removed.
+    """
+    root = settings.stow_staging_dir
+    removed = 0
+    for folder in (root.iterdir() if root.is_dir() else ()):
+        pid = folder.name.split("-", 1)[0]
+        if folder.is_symlink() or not folder.is_dir():
+            folder.unlink(missing_ok=True)  # nothing else belongs here: a planted link is never followed
+            removed += 1
+        elif not (pid.isdigit() and _pid_alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def recover(settings: Settings, engine: Engine) -> dict:
-    """Clean up after a crash: remove half-written files, index written-but-unindexed ones.
+    """Clean up after a crash: remove half-written files and dead requests' STOW-RS staging,
+    index written-but-unindexed files.
 
     Returns
     -------
     dict
-        ``partial_removed``, ``reindexed``, ``unattributed_removed`` counts.
+        ``partial_removed``, ``reindexed``, ``unattributed_removed`` counts, and
+        ``staging_removed`` when a dead request's staging folder was removed.
     """
     out = {"partial_removed": 0, "reindexed": 0, "unattributed_removed": 0}
+    staging = remove_stale_staging(settings)
+    if staging:
+        out["staging_removed"] = staging
     spool = settings.spool_dir
     for root in (spool, settings.quarantine_dir):
         for tmp in root.rglob(".*.partial"):
@@ -173,4 +199,5 @@ def recover(settings: Settings, engine: Engine) -> dict:
     return out
 
 
-__all__ = ["claim_qc", "complete_stable_series", "mark_start_failed", "recover", "start_qc"]
+__all__ = ["claim_qc", "complete_stable_series", "mark_start_failed", "recover", "remove_stale_staging",
+           "start_qc"]

@@ -73,6 +73,9 @@ class Settings:
         while inflating; beyond it the object is quarantined as ``zip_bomb``. Default 512 MiB.
     max_zip_members : int
         Most members one zip archive may hold (``zip_bomb`` beyond). Default 100,000.
+    dicomweb_max_request_bytes : int
+        Largest STOW-RS request body (all its parts), in bytes; a larger one is refused with 413
+        before anything is stored. Each part is also held to ``max_object_bytes``. Default 4 GiB.
     """
 
     data_dir: Path = Path("corelab-data")
@@ -93,6 +96,7 @@ class Settings:
     max_object_bytes: int = 512 * 2**20
     max_inflated_bytes: int = 512 * 2**20
     max_zip_members: int = 100_000
+    dicomweb_max_request_bytes: int = 4 * 2**30
     portal_host: str = "127.0.0.1"
     portal_port: int = 8080
     portal_idle_minutes: float = 15.0
@@ -134,6 +138,11 @@ class Settings:
     def incoming_dir(self) -> Path:
         """Where generated or dropped files wait before ingest (the demo writes its trial here)."""
         return self.data_dir / "incoming"
+
+    @property
+    def stow_staging_dir(self) -> Path:
+        """Where STOW-RS request bodies are staged, one folder per request, until ingested."""
+        return self.incoming_dir / "stow"
 
     @property
     def prefect_home(self) -> Path:
@@ -250,7 +259,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     if settings.portal_secure_cookies not in ("auto", "always", "never"):
         raise SettingsError(f"setting 'portal_secure_cookies' is {settings.portal_secure_cookies!r}; "
                             "use auto, always or never")
-    for key in ("max_object_bytes", "max_inflated_bytes", "max_zip_members", "portal_idle_minutes",
+    for key in ("max_object_bytes", "max_inflated_bytes", "max_zip_members", "dicomweb_max_request_bytes",
+                "portal_idle_minutes",
                 "portal_max_failed_logins", "portal_lockout_minutes"):
         if getattr(settings, key) <= 0:
             raise SettingsError(f"setting {key!r} from {source.get(key, 'defaults')} is {getattr(settings, key)}; "

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows import cli_admin, cli_node, cli_phantom, cli_reports, cli_series, cli_users
+from flows import cli_admin, cli_archive, cli_node, cli_phantom, cli_reports, cli_series, cli_users
 from flows.cli_common import prepare_prefect_env, settings
 
 __all__ = ["build_parser", "main", "prepare_prefect_env"]
 
-COMMAND_GROUPS = (cli_admin, cli_series, cli_node, cli_phantom, cli_reports, cli_users)
+COMMAND_GROUPS = (cli_admin, cli_series, cli_node, cli_phantom, cli_reports, cli_users, cli_archive)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return ((SettingsError, RegisterError, ManualError, FillSheetError, StandardError, DicomVolumeError,
             PhantomLocalisationError, FileNotFoundError, CentresFileError) + cli_reports.user_errors()
-            + cli_users.user_errors())
+            + cli_users.user_errors() + cli_archive.user_errors())
 
 
 def main(argv: list[str] | None = None) -> int:

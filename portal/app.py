@@ -15,12 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corelab.db import open_store
 from corelab.settings import Settings, load_settings
 from portal.pages import page
-from portal.security import LoginRequired
-
-# Pages load nothing from elsewhere and run no script: the portal works on a closed network,
-# and an injected <script> would not run.
-CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
+from portal.security import CSP, LoginRequired
 
 
 # A number no id or page can be (more than 18 digits) would overflow the database's integers:
@@ -29,7 +24,10 @@ _HUGE_NUMBER = re.compile(r"(?:^|[/=&])\d{19,}(?:$|[/&])")
 
 
 def _wants_json(request: Request) -> bool:
-    return request.url.path.startswith("/api/") or "application/json" in request.headers.get("accept", "")
+    # Machine clients (the JSON API, DICOMweb) get JSON errors and a 401, never a login page.
+    path = request.url.path
+    return (path.startswith(("/api/", "/dicomweb/")) or path == "/dicomweb"
+            or "json" in request.headers.get("accept", ""))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -35,6 +35,10 @@ from services.access import Scope, scope_of
 SESSION_COOKIE = "corelab_session"
 LOGIN_CSRF_COOKIE = "corelab_login_csrf"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# Pages load nothing from elsewhere and run no script: the portal works on a closed network,
+# and an injected <script> would not run.
+CSP = ("default-src 'self'; script-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
 
 
 class LoginRequired(Exception):
@@ -180,6 +184,21 @@ def require(*roles: str):
 
     dependency.roles = roles  # read by the access test, which tries every route with every role
     return dependency
+
+
+def sending_site(ctx: Ctx, asked: str | None) -> str:
+    """The site code a site user sends for (STOW-RS, the upload page): ``asked`` if it is one of
+    theirs (another site answers 404, like one that does not exist), else their only site; a user
+    of several sites must name one (400)."""
+    sites = sorted(ctx.scope.sites or ())
+    if asked:
+        if asked not in sites:
+            raise HTTPException(404, "no such site, or not yours")
+        return asked
+    if len(sites) != 1:
+        raise HTTPException(400, f"your account sends for {len(sites)} sites: name one with ?site=CODE "
+                                 f"({'|'.join(sites)})")
+    return sites[0]
 
 
 ANY_ROLE = ("site", "physicist", "trial-manager", "admin")

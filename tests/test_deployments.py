@@ -1,5 +1,6 @@
 """prefect.yaml names real flows with parameters they accept."""
 
+import datetime as dt
 import importlib
 import inspect
 from pathlib import Path
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_deployment_entrypoint_is_a_flow_taking_its_parameters():
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert {d["name"] for d in doc["deployments"]} >= {"demo", "qc-trial", "accredit-scanners"}
+    assert {d["name"] for d in doc["deployments"]} >= {"demo", "qc-trial", "accredit-scanners", "forward-to-archive"}
     for dep in doc["deployments"]:
         path, name = dep["entrypoint"].split(":")
         assert (ROOT / path).is_file()
@@ -46,6 +47,10 @@ def test_corelab_serve_serves_the_prefect_yaml_deployments():
         assert dep.parameters == spec.get("parameters", {})
         limit = dep.concurrency_limit
         assert (limit if isinstance(limit, int) or limit is None else limit.limit) == spec.get("concurrency_limit")
-        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules or []] == \
-            [(s["cron"], s["timezone"], s["active"]) for s in spec.get("schedules", [])]
+        assert [(getattr(s.schedule, "cron", None), getattr(s.schedule, "interval", None), s.active)
+                for s in dep.schedules or []] == \
+            [(s.get("cron"), dt.timedelta(seconds=s["interval"]) if "interval" in s else None, s["active"])
+             for s in spec.get("schedules", [])]
+        assert [getattr(s.schedule, "timezone", None) for s in dep.schedules or [] if hasattr(s.schedule, "cron")] \
+            == [s["timezone"] for s in spec.get("schedules", []) if "cron" in s]
         assert not dep.paused

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from sqlmodel import select
 
 from corelab.db import session_scope
-from corelab.models import Deviation, QuarantineItem, Query, Report, Series, Site, User
+from corelab.models import Deviation, Instance, QuarantineItem, Query, Report, Series, Site, Study, User
 from portal.app import create_app
 from tests.portal_helpers import build_portal_lab, client_for, csrf_of, planted_identifiers
 
@@ -79,11 +79,23 @@ def _b02_values(lab) -> dict[str, str]:
     ids = lab.ids["B02"]
     return {"series": ids["series"][0], "deviations": ids["deviation"][0], "queries": ids["query"][0],
             "reports": ids["report"][0], "quarantine": ids["quarantine"][0], "sites": "B02", "trials": lab.trial,
-            "users": "site-b", "tokens": 1}
+            "users": "site-b", "tokens": 1, "dicomweb": _dicomweb_uids(lab, "B02")}
+
+
+def _dicomweb_uids(lab, site: str) -> dict[str, str]:
+    """The UIDs of a stored study, series and instance of ``site``, for the /dicomweb/... routes."""
+    with session_scope(lab.settings) as s:
+        inst, series, study = s.exec(
+            select(Instance, Series, Study).join(Series, Instance.series_id == Series.id)
+            .join(Study, Series.study_id == Study.id).join(Site, Series.site_id == Site.id)
+            .where(Site.code == site).order_by(Instance.id)).first()
+        return {"studies": study.study_uid, "series": series.series_uid, "instances": inst.sop_instance_uid}
 
 
 def _fill(path: str, values: dict) -> str:
     """Put B02's objects into a route's path: the parameter after /<collection>/ names one of it."""
+    if path.startswith("/dicomweb/"):  # DICOMweb names objects by UID, not by row id
+        values = {**values, **values["dicomweb"]}
     parts = path.strip("/").split("/")
     out = []
     for i, part in enumerate(parts):
@@ -167,7 +179,7 @@ def _own_values(lab) -> dict:
     ids = lab.ids["A01"]
     return {"series": ids["series"][0], "deviations": ids["deviation"][0], "queries": ids["query"][0],
             "reports": ids["report"][0], "quarantine": 1, "sites": "A01", "trials": lab.trial,
-            "users": "site-a", "tokens": 1}
+            "users": "site-a", "tokens": 1, "dicomweb": _dicomweb_uids(lab, "A01")}
 
 
 def test_no_patient_identifier_on_any_page(app, clients, lab):

@@ -1,0 +1,349 @@
+"""Forwarding accepted series to the trial's archive, against a real Orthanc (Debian's, on loopback).
+
+Each test gets its own copy of the portal lab (tests/portal_helpers.py) narrowed to a few series
+of the trial (the rest moved to a second trial, which must never reach this trial's archive), and
+its own empty Orthanc. What Orthanc holds is compared with what the store says is due, computed
+here from the index independently of the use case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+
+import pydicom
+import pytest
+from sqlmodel import select
+
+from corelab.db import session_scope
+from corelab.ingest import complete_series
+from corelab.models import ArchiveDelivery, AuditEvent, Instance, QuarantineItem, Series, Trial
+from corelab.receiver_store import Store
+from portal.app import create_app
+from services import forwarding
+from services.site_view import flag_sets, series_state
+from synth.orthanc import Orthanc
+from tests.portal_helpers import build_portal_lab, client_for
+
+OTHER_TRIAL = "OTHER-02"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def dataset_part(data: bytes) -> bytes:
+    """A Part-10 file without preamble and file meta: what C-STORE carries (the archive writes its own meta)."""
+    assert data[128:132] == b"DICM", "not a DICOM Part-10 file"
+    assert data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL"
+    return data[144 + int.from_bytes(data[140:144], "little"):]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """The portal lab with three series left in the trial: an evaluable PET, a PET that is not
+    evaluable (or a second PET), and a CT (QC pending: not evaluable)."""
+    lab = build_portal_lab(tmp_path)
+    with session_scope(lab.settings) as s:
+        trial = s.exec(select(Trial).where(Trial.code == lab.trial)).one()
+        other = Trial(code=OTHER_TRIAL)
+        s.add(other)
+        s.flush()
+        rows = s.exec(select(Series).where(Series.trial_id == trial.id, Series.kind == "trial")
+                      .order_by(Series.id)).all()
+        queried, major = flag_sets(s, Series.trial_id == trial.id)
+        state = {x.id: series_state(x.state, x.qc_state, unresolved_query=x.id in queried,
+                                    major_open=x.id in major)[0] for x in rows}
+        pets = [x for x in rows if x.modality == "PT"]
+        good = next(x for x in pets if state[x.id] == "evaluable")
+        bad = next((x for x in pets if state[x.id] != "evaluable"), next(x for x in pets if x is not good))
+        ct = next(x for x in rows if x.modality == "CT")
+        keep = {good.id, bad.id, ct.id}
+        for x in rows:
+            if x.id not in keep:
+                x.trial_id = other.id
+                s.add(x)
+    lab.keep, lab.evaluable = sorted(keep), sorted(k for k in keep if state[k] == "evaluable")
+    return lab
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    server = Orthanc(tmp_path / "orthanc").start()
+    yield server
+    server.stop(kill=True)  # its storage is thrown away: no need for Orthanc's clean shutdown (~3 s)
+
+
+def expected(lab, only_series: list[int] | None = None) -> dict[str, Instance]:
+    """SOP Instance UID -> newest stored version, over the trial's complete trial series (from the index)."""
+    out: dict[str, Instance] = {}
+    with session_scope(lab.settings) as s:
+        trial = s.exec(select(Trial).where(Trial.code == lab.trial)).one()
+        for inst, series in s.exec(select(Instance, Series).join(Series, Instance.series_id == Series.id)
+                                   .where(Series.trial_id == trial.id, Series.kind == "trial",
+                                          Series.state == "complete")):
+            if only_series is not None and series.id not in only_series:
+                continue
+            if inst.sop_instance_uid not in out or inst.version > out[inst.sop_instance_uid].version:
+                out[inst.sop_instance_uid] = inst
+    return out
+
+
+def held(server: Orthanc) -> dict[str, bytes]:
+    """SOP Instance UID -> file, of everything Orthanc holds."""
+    return {server.sop_instance_uid(i): server.instance_file(i) for i in server.instances()}
+
+
+def records(lab) -> list[ArchiveDelivery]:
+    with session_scope(lab.settings) as s:
+        return list(s.exec(select(ArchiveDelivery).order_by(ArchiveDelivery.id)))
+
+
+def set_dicom(lab, server: Orthanc, rule: str = "all") -> None:
+    with session_scope(lab.settings) as s:
+        forwarding.set_destination(s, lab.settings, lab.trial, dicom=f"{server.ae_title}@127.0.0.1:{server.dicom_port}",
+                                   rule=rule, actor="test")
+
+
+def set_stow(lab, server: Orthanc, tmp_path, password: str | None = None, rule: str = "all") -> None:
+    pw = tmp_path / "archive.pw"
+    pw.write_text((password or server.password) + "\n")
+    with session_scope(lab.settings) as s:
+        forwarding.set_destination(s, lab.settings, lab.trial, stow_url=server.dicomweb_url, username=server.username,
+                                   password_file=pw, rule=rule, actor="test")
+
+
+def assert_holds_exactly(lab, server: Orthanc, want: dict[str, Instance], *, whole_file: bool) -> None:
+    got = held(server)
+    assert set(got) == set(want)
+    for uid, inst in want.items():
+        spool = (lab.settings.data_dir / inst.path).read_bytes()
+        assert sha(spool) == inst.sha256
+        if whole_file:
+            assert sha(got[uid]) == inst.sha256, uid
+        else:
+            assert sha(dataset_part(got[uid])) == sha(dataset_part(spool)), uid
+
+
+def never_sent_elsewhere(lab, server: Orthanc) -> None:
+    """Phantoms, the other trial's series and quarantined objects are not in the archive."""
+    got = set(server.instances() and held(server))
+    with session_scope(lab.settings) as s:
+        trial = s.exec(select(Trial).where(Trial.code == lab.trial)).one()
+        others = set(s.exec(select(Instance.sop_instance_uid).join(Series, Instance.series_id == Series.id)
+                            .where((Series.kind != "trial") | (Series.trial_id != trial.id))))
+        quarantined = [lab.settings.data_dir / q.path for q in s.exec(select(QuarantineItem))]
+    assert others and not (got & others)
+    assert quarantined, "the lab holds no quarantined object: the check would prove nothing"
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True, force=True).get("SOPInstanceUID", "")) for p in quarantined}
+    assert not (got & uids)
+
+
+def test_cstore_sends_every_due_instance_once_with_its_bytes(lab, orthanc):
+    set_dicom(lab, orthanc)
+    want = expected(lab)
+    assert 40 <= len(want) <= 80
+    [result] = forwarding.forward(lab.settings, lab.trial, batch_size=16)
+    assert (result.sent, result.failed, result.errors) == (len(want), 0, [])
+    assert_holds_exactly(lab, orthanc, want, whole_file=False)
+    never_sent_elsewhere(lab, orthanc)
+    recs = records(lab)
+    assert sorted(r.instance_id for r in recs) == sorted(i.id for i in want.values())
+    assert all(r.status == "sent" and r.attempts == 1 and r.sent_at and r.sha256 == want[r.sop_instance_uid].sha256
+               for r in recs)
+    # one audit event per series, with the digest of the sha256s delivered
+    with session_scope(lab.settings) as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.action == "archive.delivered")).all()
+    assert sorted(int(e.entity_id) for e in events) == lab.keep
+    for e in events:
+        digests = sorted(i.sha256 for i in want.values() if i.series_id == int(e.entity_id))
+        assert e.detail["instances"] == len(digests)
+        assert e.detail["sha256_digest"] == sha("\n".join(digests).encode())
+    # a second run sends nothing
+    [again] = forwarding.forward(lab.settings, lab.trial)
+    assert (again.sent, again.failed, again.batches) == (0, 0, 0)
+    assert len(orthanc.instances()) == len(want)
+    assert [(r.id, r.attempts, r.sent_at) for r in records(lab)] == [(r.id, r.attempts, r.sent_at) for r in recs]
+
+    # a new version of one instance is sent again, and only it
+    inst = next(iter(want.values()))
+    ds = pydicom.dcmread(lab.settings.data_dir / inst.path)
+    ds.WindowCenter, ds.WindowWidth = 123, 456
+    path = lab.settings.data_dir / "v2.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with session_scope(lab.settings) as s:
+        site_id = s.get(Series, inst.series_id).site_id
+    engine = __import__("corelab.db", fromlist=["get_engine"]).get_engine(lab.settings)
+    outcome = Store(lab.settings, engine).accept(path.read_bytes(), sop_instance_uid=inst.sop_instance_uid,
+                                                 site_id=site_id, source="test")
+    assert outcome.status == "new_version"
+    with session_scope(lab.settings) as s:
+        complete_series(s, s.get(Series, inst.series_id), actor="test")
+    [third] = forwarding.forward(lab.settings, lab.trial)
+    assert (third.sent, third.failed) == (1, 0)
+    want = expected(lab)
+    assert want[inst.sop_instance_uid].version == 2
+    assert_holds_exactly(lab, orthanc, want, whole_file=False)
+
+
+def test_stow_sends_identical_files_once(lab, orthanc, tmp_path):
+    set_stow(lab, orthanc, tmp_path)
+    want = expected(lab)
+    [result] = forwarding.forward(lab.settings, lab.trial, batch_size=20)
+    assert (result.sent, result.failed, result.batches) == (len(want), 0, -(-len(want) // 20))
+    assert_holds_exactly(lab, orthanc, want, whole_file=True)
+    never_sent_elsewhere(lab, orthanc)
+    assert all(r.status == "sent" and r.attempts == 1 for r in records(lab))
+    [again] = forwarding.forward(lab.settings, lab.trial)
+    assert (again.sent, again.batches) == (0, 0)
+    assert len(orthanc.instances()) == len(want)
+    assert all(r.attempts == 1 for r in records(lab))
+
+
+def test_orthanc_killed_between_batches_then_restarted_loses_and_duplicates_nothing(lab, orthanc):
+    set_dicom(lab, orthanc)
+    want = expected(lab)
+    [first] = forwarding.forward(lab.settings, lab.trial, batch_size=10, max_batches=2)
+    assert (first.sent, first.failed) == (20, 0)
+    orthanc.stop(kill=True)  # SIGKILL: a crash, not a shutdown
+    [down] = forwarding.forward(lab.settings, lab.trial, batch_size=10, timeout_s=5)
+    assert (down.sent, down.failed, down.batches) == (0, 10, 1)  # the run stops at the first dead batch
+    assert "no association" in down.errors[0]
+    with session_scope(lab.settings) as s:
+        [row] = forwarding.backlog(s)
+    assert (row["waiting"], row["failed"], row["pending"], row["sent"]) == (len(want) - 20, 10, len(want) - 30, 20)
+    assert "no association" in row["last_error"] and row["oldest_waiting"] is not None
+    orthanc.start()
+    assert len(orthanc.instances()) == 20  # what it had before the crash
+    [back] = forwarding.forward(lab.settings, lab.trial, batch_size=10)
+    assert (back.sent, back.failed) == (len(want) - 20, 0)
+    assert_holds_exactly(lab, orthanc, want, whole_file=False)
+    recs = records(lab)
+    assert len(recs) == len(want) == len({r.instance_id for r in recs})  # one record per instance
+    assert all(r.status == "sent" for r in recs)
+    assert sorted(r.attempts for r in recs) == [1] * (len(want) - 10) + [2] * 10
+    with session_scope(lab.settings) as s:
+        [row] = forwarding.backlog(s)
+    assert (row["waiting"], row["failed"], row["sent"], row["last_error"]) == (0, 0, len(want), "")
+
+
+def test_orthanc_killed_mid_association_then_restarted(lab, orthanc):
+    """SIGKILL from another thread while one association is sending: whatever Orthanc kept or
+    lost, the next run completes the set exactly."""
+    import threading
+
+    set_dicom(lab, orthanc)
+    want = expected(lab)
+    stopped = threading.Event()
+
+    def kill_when_some_arrived():
+        while not stopped.is_set():
+            if orthanc.statistics()["CountInstances"] >= 5:
+                orthanc.stop(kill=True)
+                return
+
+    killer = threading.Thread(target=kill_when_some_arrived)
+    killer.start()
+    try:
+        [down] = forwarding.forward(lab.settings, lab.trial, batch_size=len(want), timeout_s=5)
+    finally:
+        stopped.set()
+        killer.join()
+    assert not orthanc.running
+    assert down.failed >= 1 and down.sent + down.failed == len(want)
+    orthanc.start()
+    [back] = forwarding.forward(lab.settings, lab.trial, batch_size=len(want))
+    assert (back.sent, back.failed) == (down.failed, 0)
+    assert_holds_exactly(lab, orthanc, want, whole_file=False)
+    assert all(r.status == "sent" for r in records(lab)) and len(records(lab)) == len(want)
+
+
+def test_rule_evaluable_sends_only_evaluable_series(lab, orthanc):
+    set_dicom(lab, orthanc, rule="evaluable")
+    want = expected(lab, only_series=lab.evaluable)
+    assert lab.evaluable and 0 < len(want) < len(expected(lab))
+    [result] = forwarding.forward(lab.settings, lab.trial)
+    assert result.sent == len(want)
+    assert set(held(orthanc)) == set(want)
+
+
+def test_wrong_password_is_a_clear_error_and_nothing_is_marked_sent(lab, orthanc, tmp_path, caplog):
+    set_stow(lab, orthanc, tmp_path, password="not-the-password-4711")
+    with caplog.at_level(logging.DEBUG):
+        [result] = forwarding.forward(lab.settings, lab.trial, batch_size=20)
+    assert result.sent == 0 and result.failed == 20 and result.batches == 1
+    assert "HTTP 401" in result.errors[0] and "credentials" in result.errors[0]
+    assert orthanc.instances() == []
+    assert records(lab) and all(r.status == "failed" for r in records(lab))
+    assert "not-the-password-4711" not in caplog.text
+
+
+def test_password_never_shown_and_page_shows_the_store(lab, orthanc, tmp_path, caplog, capsys, monkeypatch):
+    set_stow(lab, orthanc, tmp_path, rule="all")
+    secret = orthanc.password
+    kept = lab.settings.data_dir / "secrets" / f"archive-{lab.trial}.password"
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o600 and kept.read_text() == secret
+    with caplog.at_level(logging.DEBUG):
+        [result] = forwarding.forward(lab.settings, lab.trial, batch_size=10, max_batches=2)
+    assert result.sent == 20
+    assert secret not in caplog.text
+    monkeypatch.setenv("CORELAB_DATA_DIR", str(lab.settings.data_dir))
+    from flows.cli import main
+
+    for argv in (["archive", "show"], ["archive", "show", "--json"], ["archive", "backlog"]):
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert orthanc.dicomweb_url in out and secret not in out
+    with session_scope(lab.settings) as s:
+        details = [e.detail for e in s.exec(select(AuditEvent).where(AuditEvent.action.like("archive.%")))]
+        assert any(d.get("password") == "set" for d in details)
+        assert secret not in repr(details)
+        total = len(expected(lab))
+        sent = len(s.exec(select(ArchiveDelivery).where(ArchiveDelivery.status == "sent")).all())
+    assert sent == 20
+    app = create_app(lab.settings)
+    html = client_for(app, "phys").get("/archive").text
+    assert secret not in html and orthanc.dicomweb_url in html
+    assert f'<td class="sent">{sent}</td>' in html
+    assert f'<td class="pending">{total - sent}</td>' in html and '<td class="failed">0</td>' in html
+    assert client_for(app, "tm").get("/archive").status_code == 200
+    assert client_for(app, "site-a").get("/archive").status_code == 403
+    assert 'href="/archive"' in client_for(app, "phys").get("/worklist").text
+
+
+def test_bad_destinations_are_refused_with_the_fix(lab, tmp_path):
+    cases = [dict(dicom="ARCHIVE@host"), dict(dicom="A\\B@h:104"), dict(dicom="ARCHIVE@h:70000"),
+             dict(stow_url="ftp://x/dicom-web"), dict(stow_url="https://u:p@x/dicom-web"),
+             dict(stow_url="https://x/dicom-web", username="u"), dict(dicom="A@h:104", rule="some")]
+    with session_scope(lab.settings) as s:
+        for case in cases:
+            with pytest.raises(forwarding.ForwardingError) as err:
+                forwarding.set_destination(s, lab.settings, lab.trial, actor="test", **case)
+            assert str(err.value)
+        with pytest.raises(forwarding.ForwardingError, match="no trial"):
+            forwarding.set_destination(s, lab.settings, "NOPE", dicom="A@h:104", actor="test")
+
+
+def test_flow_fails_when_the_archive_is_down_then_delivers(lab, orthanc, monkeypatch, prefect_harness):
+    from prefect.artifacts import Artifact
+
+    from flows.forward import BACKLOG_KEY, forward_to_archive
+
+    monkeypatch.setenv("CORELAB_DATA_DIR", str(lab.settings.data_dir))
+    set_dicom(lab, orthanc)
+    want = expected(lab)
+    orthanc.stop()
+    state = forward_to_archive(batch_size=25, timeout_s=3, retry_delays_s=[0.1], return_state=True)
+    assert state.is_failed()
+    assert all(r.status == "failed" and r.attempts == 2 for r in records(lab))  # the task ran twice
+    assert not records(lab)[0].sent_at
+    orthanc.start()
+    state = forward_to_archive(batch_size=25, timeout_s=5, retry_delays_s=[0.1], return_state=True)
+    assert state.is_completed()
+    [summary] = state.result()
+    assert summary["sent"] == len(want)
+    assert_holds_exactly(lab, orthanc, want, whole_file=False)
+    artifact = Artifact.get(BACKLOG_KEY)
+    assert artifact is not None and str(len(want)) in str(artifact.data) and orthanc.password not in str(artifact.data)
