@@ -9,13 +9,18 @@ are declared on the Prefect task that calls them.
 
 C-STORE sends the file's data set as stored (pynetdicom reads it from the file without decoding
 it), so the archive receives the bytes the site sent; the file meta header is the archive's own
-(C-STORE does not carry one). STOW-RS sends whole Part-10 files.
+(C-STORE does not carry one). STOW-RS sends whole Part-10 files, streamed from the spool into
+the request body (no batch is ever held in memory), and reads the archive's DICOM JSON answer
+itself: ``dicomweb-client`` builds the whole body in memory, so it stays a test client.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import re
+import secrets
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +28,8 @@ from pathlib import Path
 
 LOG = logging.getLogger("corelab.archive")
 
+CHUNK_BYTES = 1 << 20  # what one read of a spool file puts in memory while a STOW-RS body streams
+MAX_RESPONSE_BYTES = 16 << 20  # a STOW-RS answer lists UIDs: far less, even for a large batch
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 odd ids 1..255)
 # 0xB000 coercion, 0xB006 elements discarded, 0xB007 data set does not match SOP class: the
 # archive kept the object (PS3.4 B.2.3), so it counts as delivered.
@@ -144,7 +151,12 @@ def send_cstore(items: Sequence[Outgoing], *, calling_ae: str, called_ae: str, h
 
 
 def _one_association(group, pairs, calling_ae, called_ae, host, port, timeout_s, where) -> dict[int, str]:
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
+
+    # Send each file's data set as stored, read in pieces, instead of decoding and re-encoding it
+    # in memory (pynetdicom's default): the archive gets the site's bytes, memory stays bounded.
+    # Only sending (send_c_store with a path) reads this flag; the node's SCP side does not.
+    _config.STORE_SEND_CHUNKED_DATASET = True
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -185,10 +197,66 @@ def _one_association(group, pairs, calling_ae, called_ae, host, port, timeout_s,
 
 # --- STOW-RS ------------------------------------------------------------------------------------------------
 
+class MultipartBody:
+    """A ``multipart/related; type="application/dicom"`` body streamed from files.
+
+    ``requests`` iterates it (chunks of :data:`CHUNK_BYTES`) and takes its length from
+    ``len()``, so the request carries a Content-Length rather than chunked encoding (which some
+    archives refuse) and never more than one chunk is in memory. A file whose size changed since
+    the body was built raises OSError: the request is then broken off, never sent short.
+    """
+
+    def __init__(self, paths: Sequence[Path], boundary: str | None = None) -> None:
+        self.boundary = boundary or f"corelab-{secrets.token_hex(16)}"
+        self._head = f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        self._end = f"--{self.boundary}--\r\n".encode()
+        self.parts = [(Path(p), Path(p).stat().st_size) for p in paths]
+        self.length = sum(len(self._head) + size + 2 for _, size in self.parts) + len(self._end)
+
+    @property
+    def content_type(self) -> str:
+        return f'multipart/related; type="application/dicom"; boundary={self.boundary}'
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for path, size in self.parts:
+            yield self._head
+            seen = 0
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK_BYTES):
+                    seen += len(chunk)
+                    if seen > size:
+                        break
+                    yield chunk
+            if seen != size:
+                raise OSError("a spool file changed size while it was being sent: run `corelab series check`")
+            yield b"\r\n"
+        yield self._end
+
+
+def check_credentials_transport(url: str, username: str) -> None:
+    """ValueError when HTTP Basic credentials would cross the network unencrypted: ``http://``
+    with a user is allowed on the loopback interface only (127.0.0.1, ::1, localhost)."""
+    parts = urllib.parse.urlsplit(url)
+    if not username or parts.scheme != "http":
+        return
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ValueError(f"STOW-RS URL {url!r} is plain http: the archive password would cross the network "
+                         "unencrypted: use https://")
+
+
 def send_stow(items: Sequence[Outgoing], *, url: str, username: str = "", password: str = "",
               timeout_s: float = 30.0) -> dict[int, str]:
-    """Send ``items`` in one STOW-RS request with ``dicomweb_client`` (HTTP Basic auth through a
-    ``requests.Session`` when ``username`` is given) and read the response's sequences.
+    """Send ``items`` in one STOW-RS request whose body is streamed from the files
+    (:class:`MultipartBody`), with HTTP Basic auth when ``username`` is given, and read the
+    response's sequences (PS3.18 10.5.3, application/dicom+json) here.
 
     Returns
     -------
@@ -199,54 +267,56 @@ def send_stow(items: Sequence[Outgoing], *, url: str, username: str = "", passwo
     Raises
     ------
     ArchiveError
-        No connection, a time-out, credentials refused (401/403), or any other HTTP error
-        without a STOW-RS response body.
+        No connection, a time-out, credentials refused (401/403), plain http with credentials to
+        another host than loopback, or an HTTP answer that is not a STOW-RS response.
     """
-    import pydicom
     import requests
-    from dicomweb_client.api import DICOMwebClient
 
     url = check_stow_url(url)
     where = f"STOW-RS to {url}"
+    try:
+        check_credentials_transport(url, username)
+    except ValueError as exc:
+        raise ArchiveError(f"{where}: {exc}") from None
     out: dict[int, str] = {}
-    datasets, sent = [], []
+    sent = []
     for item in items:
         problem = _check_outgoing(item)
         if problem:
             out[item.key] = problem
-            continue
-        datasets.append(pydicom.dcmread(item.path))
-        sent.append(item)
-    if not datasets:
+        else:
+            sent.append(item)
+    if not sent:
         return out
+    body = MultipartBody([item.path for item in sent])
     session = requests.Session()
     if username:
         session.auth = (username, password)
-    client = DICOMwebClient(url, session=session, timeout=(min(timeout_s, 10.0), timeout_s))
-    client.set_http_retry_params(retry=False)  # retries belong to the Prefect task, with back-off
     try:
-        response = client.store_instances(datasets)
-    except requests.HTTPError as exc:
-        response = _response_body(exc.response)
-        code = exc.response.status_code if exc.response is not None else 0
-        if code in (401, 403):
-            raise ArchiveError(f"{where}: HTTP {code}: the archive refused the credentials of user {username!r}: "
-                               "check --user and the password file, then run `corelab archive set` again") from None
-        if response is None:
-            raise ArchiveError(f"{where}: HTTP {code} without a STOW-RS response: check the URL "
-                               "(the DICOMweb base, e.g. .../dicom-web)") from None
+        response = session.post(f"{url}/studies", data=body, stream=True, timeout=(min(timeout_s, 10.0), timeout_s),
+                                headers={"Content-Type": body.content_type, "Accept": "application/dicom+json"})
+        try:
+            code = response.status_code
+            if code in (401, 403):
+                raise ArchiveError(f"{where}: HTTP {code}: the archive refused the credentials of user "
+                                   f"{username!r}: check --user and the password file, then run "
+                                   "`corelab archive set` again")
+            answer = _stow_answer(response, where) if code in (200, 202, 409) else None
+            if answer is None:
+                raise ArchiveError(f"{where}: HTTP {code} without a STOW-RS response: check the URL "
+                                   "(the DICOMweb base, e.g. .../dicom-web)")
+        finally:
+            response.close()
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise ArchiveError(f"{where}: no connection or no answer within {timeout_s:g} s "
                            f"({type(exc).__name__}): check that the archive runs and the URL") from None
     finally:
         session.close()
-    referenced = {str(x.get("ReferencedSOPInstanceUID", "")) for x in response.get("ReferencedSOPSequence", [])}
-    failed = {str(x.get("ReferencedSOPInstanceUID", "")): x.get("FailureReason")
-              for x in response.get("FailedSOPSequence", [])}
+    referenced, failed = answer
     for item in sent:
         if item.sop_instance_uid in failed:
             reason = failed[item.sop_instance_uid]
-            out[item.key] = f"the archive refused it: FailureReason 0x{int(reason):04X}" if reason is not None \
+            out[item.key] = f"the archive refused it: FailureReason 0x{reason:04X}" if reason is not None \
                 else "the archive refused it (no FailureReason given)"
         elif item.sop_instance_uid in referenced:
             out[item.key] = ""
@@ -255,20 +325,42 @@ def send_stow(items: Sequence[Outgoing], *, url: str, username: str = "", passwo
     return out
 
 
-def _response_body(response):
-    """The STOW-RS response data set of an HTTP error (409 Conflict, 202 ...), or None."""
-    import pydicom
-
-    if response is None or not response.content:
-        return None
-    ctype = response.headers.get("Content-Type", "").split(";")[0].strip()
+def _stow_answer(response, where: str) -> tuple[set[str], dict[str, int | None]] | None:
+    """(referenced SOP Instance UIDs, failed UID -> FailureReason) of a STOW-RS response in DICOM
+    JSON, read up to :data:`MAX_RESPONSE_BYTES`; None when the body is not one."""
+    ctype = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype not in ("application/dicom+json", "application/json"):
         return None
+    raw = response.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
+    if len(raw) > MAX_RESPONSE_BYTES:
+        raise ArchiveError(f"{where}: the STOW-RS response is larger than {MAX_RESPONSE_BYTES} bytes")
     try:
-        return pydicom.Dataset.from_json(response.content)
-    except (ValueError, TypeError, KeyError):
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(data, list) and len(data) == 1:  # some archives wrap the one data set in an array
+        data = data[0]
+    if not isinstance(data, dict):
         return None
 
+    def items(tag: str) -> list[dict]:
+        element = data.get(tag)
+        values = element.get("Value", []) if isinstance(element, dict) else []
+        return [x for x in values if isinstance(x, dict)] if isinstance(values, list) else []
 
-__all__ = ["ArchiveError", "MAX_CONTEXTS", "Outgoing", "check_ae_title", "check_host_port", "check_stow_url",
-           "send_cstore", "send_stow"]
+    def first(item: dict, tag: str):
+        element = item.get(tag)
+        values = element.get("Value") if isinstance(element, dict) else None
+        return values[0] if isinstance(values, list) and values else None
+
+    referenced = {uid for uid in (first(x, "00081155") for x in items("00081199")) if isinstance(uid, str)}
+    failed: dict[str, int | None] = {}
+    for x in items("00081198"):
+        uid, reason = first(x, "00081155"), first(x, "00081197")
+        if isinstance(uid, str):
+            failed[uid] = reason if isinstance(reason, int) and 0 <= reason <= 0xFFFF else None
+    return referenced, failed
+
+
+__all__ = ["ArchiveError", "MAX_CONTEXTS", "MultipartBody", "Outgoing", "check_ae_title", "check_credentials_transport",
+           "check_host_port", "check_stow_url", "send_cstore", "send_stow"]

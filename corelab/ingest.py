@@ -192,6 +192,19 @@ def _check_owner(session: Session, facts: ObjectFacts, site: Site, label: str) -
                                        "scanner assigned, or ask the core lab to check the series")
 
 
+def _check_instance(session: Session, facts: ObjectFacts, label: str) -> None:
+    """A SOP Instance UID belongs to one series: only that series (so, after :func:`_check_owner`,
+    the same study and site) may send a new version of it. Otherwise readers that take the newest
+    version per SOP Instance UID would show another series' object, perhaps another site's."""
+    held_in = session.exec(select(Series.series_uid).join(Instance, col(Instance.series_id) == Series.id)
+                           .where(Instance.sop_instance_uid == facts.sop_instance_uid).distinct()).all()
+    if any(uid != facts.series_uid for uid in held_in):
+        raise Rejected("uid_conflict", f"{label}: its SOPInstanceUID is already held in another series; a new "
+                                       "version must keep the Study and Series UIDs of the instance it replaces, "
+                                       "and a new series (a re-reconstruction, another scan) needs new SOP Instance "
+                                       "UIDs: export it again with new UIDs, or ask the core lab to check the series")
+
+
 def _series_for(session: Session, facts: ObjectFacts, site: Site, trial: Trial | None, phantom: bool) -> Series:
     series = session.exec(select(Series).where(Series.series_uid == facts.series_uid)).first()
     if series is not None:
@@ -224,8 +237,10 @@ def _series_for(session: Session, facts: ObjectFacts, site: Site, trial: Trial |
 
 def _quarantine(session: Session, settings: Settings, data: bytes, rej: Rejected, *, label: str,
                 site: Site | None, series_uid: str | None, keep: bool) -> Outcome:
-    """Hold the object (or the prefix ``rej.held``) with its reason; mark its series if it has one."""
+    """Hold the object (or the prefix ``rej.held``) with its reason; mark its series if it is the sender's."""
     series = session.exec(select(Series).where(Series.series_uid == series_uid)).first() if series_uid else None
+    if series is not None and (site is None or series.site_id not in (None, site.id)):
+        series = None  # another site's series (uid_conflict): an intruder neither holds it nor completes it
     if series is not None:
         move(session, series, state="quarantined", actor="ingest", reason=rej.code)
         series.last_received_at = utcnow()  # the receiver's stability clock counts quarantined objects
@@ -289,6 +304,7 @@ def _checked_values(session: Session, ds, label: str, site: Site):
     with step("slice position", label):
         position = finite(slice_position_mm(ds))
     _check_owner(session, facts, site, label)
+    _check_instance(session, facts, label)
     return facts, trial, phantom, position
 
 
@@ -370,6 +386,10 @@ def complete_series(session: Session, series: Series, *, actor: str = "ingest") 
     series.completed_at = utcnow()
 
 
+# Objects of a drop committed together (see ingest_path).
+COMMIT_EVERY = 50
+
+
 def ingest_path(session: Session, settings: Settings, path: Path, *, site_code: str) -> IngestSummary:
     """Ingest a file, folder or zip dropped by a site; every series touched is completed at once.
 
@@ -388,6 +408,12 @@ def ingest_path(session: Session, settings: Settings, path: Path, *, site_code: 
         summary.outcomes.append(outcome)
         if outcome.series_uid and outcome.series_uid not in summary.series_uids:
             summary.series_uids.append(outcome.series_uid)
+        if len(summary.outcomes) % COMMIT_EVERY == 0:
+            # A large drop must not hold the store's write lock for minutes (SQLite has one lock:
+            # the DICOM node would answer "out of resources" meanwhile). Each object stands on its
+            # own, so committing what is done loses nothing; series are completed at the end (or,
+            # after a crash, by the node's stability ticker).
+            session.commit()
     for uid in summary.series_uids:
         series = session.exec(select(Series).where(Series.series_uid == uid)).first()
         if series is not None:

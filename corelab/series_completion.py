@@ -133,23 +133,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(settings: Settings) -> int:
-    """Remove the STOW-RS staging folders (``<pid>-<hex>``) of processes that are gone.
+STAGING_LOCK = ".lock"  # in each STOW-RS staging folder, flock'ed by the request using it
 
-    A request's folder is removed by the request itself; only a crash leaves one behind. Its
-    parts were never ingested, so never acknowledged: the client sends them again. Returns the
-    number of folders removed.
+
+def remove_stale_staging(settings: Settings) -> int:
+    """Remove the STOW-RS staging folders no live request holds.
+
+    A request holds an exclusive ``flock`` on its folder's :data:`STAGING_LOCK` while it runs
+    (``services.stow_staging``) and removes the folder itself; only a crash leaves one behind,
+    and the kernel drops a dead process's locks. So a folder is removed when its lock can be
+    taken without waiting, whatever PID its name carries (PIDs are reused, and another PID
+    namespace's are not ours to judge). Its parts were never ingested, so never acknowledged:
+    the client sends them again. Returns the number of folders removed. Call it off the event
+    loop: it walks and deletes files.
     """
+    import fcntl
+
     root = settings.stow_staging_dir
     removed = 0
     for folder in (root.iterdir() if root.is_dir() else ()):
-        pid = folder.name.split("-", 1)[0]
         if folder.is_symlink() or not folder.is_dir():
             folder.unlink(missing_ok=True)  # nothing else belongs here: a planted link is never followed
             removed += 1
-        elif not (pid.isdigit() and _pid_alive(int(pid))):
+            continue
+        try:
+            fd = os.open(folder / STAGING_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        except OSError:  # a planted link as the lock: no request made this folder
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live request's
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -199,5 +223,5 @@ def recover(settings: Settings, engine: Engine) -> dict:
     return out
 
 
-__all__ = ["claim_qc", "complete_stable_series", "mark_start_failed", "recover", "remove_stale_staging",
-           "start_qc"]
+__all__ = ["STAGING_LOCK", "claim_qc", "complete_stable_series", "mark_start_failed", "recover",
+           "remove_stale_staging", "start_qc"]

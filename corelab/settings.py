@@ -76,6 +76,25 @@ class Settings:
     dicomweb_max_request_bytes : int
         Largest STOW-RS request body (all its parts), in bytes; a larger one is refused with 413
         before anything is stored. Each part is also held to ``max_object_bytes``. Default 4 GiB.
+    dicomweb_max_parts : int
+        Most parts one STOW-RS request may hold; beyond it the request is refused with 413 and
+        nothing is stored (a study of more instances is sent in several requests). Default 5,000.
+    dicomweb_staging_budget_bytes : int
+        Bytes all STOW-RS requests of this process may stage at once (a declared Content-Length
+        is reserved up front, a chunked body as it arrives); a request over it gets 503 with
+        Retry-After. Default 8 GiB.
+    dicomweb_min_free_bytes : int
+        Free space the data directory's disk must keep; a request whose body would go below it
+        gets 507 (before reading when its Content-Length says so, else as soon as it does) and
+        nothing is stored. Default 2 GiB.
+    dicomweb_concurrent_ingests : int
+        STOW-RS requests ingesting at once (each holds one object in memory while it is
+        checked); the others wait their turn. Default 2.
+    portal_public_url : str
+        The portal's URL as clients reach it (``https://corelab.example.org``, optionally with
+        a port; no path, query or user): DICOMweb answers build their RetrieveURLs from it,
+        never from the request's Host header. Empty (the default):
+        ``http://<portal_host>:<portal_port>``; set it behind a TLS proxy.
     """
 
     data_dir: Path = Path("corelab-data")
@@ -97,6 +116,11 @@ class Settings:
     max_inflated_bytes: int = 512 * 2**20
     max_zip_members: int = 100_000
     dicomweb_max_request_bytes: int = 4 * 2**30
+    dicomweb_max_parts: int = 5_000
+    dicomweb_staging_budget_bytes: int = 8 * 2**30
+    dicomweb_min_free_bytes: int = 2 * 2**30
+    dicomweb_concurrent_ingests: int = 2
+    portal_public_url: str = ""
     portal_host: str = "127.0.0.1"
     portal_port: int = 8080
     portal_idle_minutes: float = 15.0
@@ -143,6 +167,15 @@ class Settings:
     def stow_staging_dir(self) -> Path:
         """Where STOW-RS request bodies are staged, one folder per request, until ingested."""
         return self.incoming_dir / "stow"
+
+    @property
+    def public_url(self) -> str:
+        """The portal's base URL for links given to clients (no trailing slash): ``portal_public_url``,
+        else ``http://<portal_host>:<portal_port>``; never taken from a request."""
+        if self.portal_public_url:
+            return self.portal_public_url.rstrip("/")
+        host = f"[{self.portal_host}]" if ":" in self.portal_host else self.portal_host
+        return f"http://{host}:{self.portal_port}"
 
     @property
     def prefect_home(self) -> Path:
@@ -215,6 +248,31 @@ def _coerce(name: str, raw, kind, origin: str):
         ) from exc
 
 
+def check_public_url(url: str, origin: str = "the settings") -> str:
+    """``url`` if it is empty or ``http(s)://host[:port]`` (no user, path, query or fragment), else
+    :class:`SettingsError` naming the setting and the fix."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit
+
+    fix = ("set portal_public_url to the portal's URL as clients reach it, scheme and host only, e.g. "
+           "https://corelab.example.org or https://corelab.example.org:8443")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise SettingsError(f"setting 'portal_public_url' from {origin} is not a URL: {fix}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"setting 'portal_public_url' from {origin} needs http or https and a host: {fix}")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise SettingsError(f"setting 'portal_public_url' from {origin} must not hold a user or password: {fix}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise SettingsError(f"setting 'portal_public_url' from {origin} must not hold a path, query or fragment: {fix}")
+    if port == 0 or any(c.isspace() for c in url):
+        raise SettingsError(f"setting 'portal_public_url' from {origin} has a bad port or a space: {fix}")
+    return url
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from defaults, the settings file and the environment.
 
@@ -260,11 +318,16 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raise SettingsError(f"setting 'portal_secure_cookies' is {settings.portal_secure_cookies!r}; "
                             "use auto, always or never")
     for key in ("max_object_bytes", "max_inflated_bytes", "max_zip_members", "dicomweb_max_request_bytes",
+                "dicomweb_max_parts", "dicomweb_staging_budget_bytes", "dicomweb_concurrent_ingests",
                 "portal_idle_minutes",
                 "portal_max_failed_logins", "portal_lockout_minutes"):
         if getattr(settings, key) <= 0:
             raise SettingsError(f"setting {key!r} from {source.get(key, 'defaults')} is {getattr(settings, key)}; "
                                 "it must be a positive number: fix or unset it")
+    if settings.dicomweb_min_free_bytes < 0:
+        raise SettingsError(f"setting 'dicomweb_min_free_bytes' from {source.get('dicomweb_min_free_bytes', 'defaults')} "
+                            f"is {settings.dicomweb_min_free_bytes}; it must be 0 or more bytes: fix or unset it")
+    check_public_url(settings.portal_public_url, source.get("portal_public_url", "defaults"))
     if not settings.database_url:
         db_path = (settings.data_dir / "corelab.db").absolute()
         settings = dataclasses.replace(settings, database_url=f"sqlite:///{db_path}")

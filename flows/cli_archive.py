@@ -15,7 +15,8 @@ from pathlib import Path
 from flows.cli_common import cli_actor, prepare_prefect_env, print_result, session, settings
 
 SHOW_COLUMNS = ["trial", "kind", "target", "user", "password", "rule"]
-BACKLOG_COLUMNS = ["trial", "target", "rule", "waiting", "pending", "failed", "sent", "oldest_waiting", "last_error"]
+BACKLOG_COLUMNS = ["trial", "target", "rule", "waiting", "pending", "failed", "held", "sent", "replacements",
+                   "oldest_waiting", "last_error"]
 
 
 def cmd_archive_set(args) -> int:
@@ -54,19 +55,21 @@ def cmd_archive_forward(args) -> int:
         from services import forwarding
 
         results = [r.as_dict() for r in forwarding.forward(config, args.trial, batch_size=args.batch_size,
+                                                              batch_bytes=args.batch_mib << 20,
                                                               timeout_s=args.timeout, actor=cli_actor())]
-        print_result(args, results, results, ["trial", "target", "sent", "failed", "series_delivered", "errors"])
+        print_result(args, results, results, ["trial", "target", "sent", "failed", "series_delivered", "replacements",
+                                              "errors"])
         return 1 if any(r["failed"] for r in results) else 0
     prepare_prefect_env(config)
     from flows.forward import forward_to_archive
 
-    state = forward_to_archive(trial_code=args.trial, batch_size=args.batch_size, timeout_s=args.timeout,
-                               return_state=True)
+    state = forward_to_archive(trial_code=args.trial, batch_size=args.batch_size, batch_bytes=args.batch_mib << 20,
+                               timeout_s=args.timeout, return_state=True)
     if not state.is_completed():
         print(f"corelab archive forward: {state.message or state.name}", file=sys.stderr)
         return 1
     results = state.result()
-    print_result(args, results, results, ["trial", "target", "sent", "failed", "series_delivered"])
+    print_result(args, results, results, ["trial", "target", "sent", "failed", "series_delivered", "replacements"])
     return 0
 
 
@@ -85,7 +88,7 @@ def add_commands(sub, common) -> None:
     where = q.add_mutually_exclusive_group(required=True)
     where.add_argument("--dicom", metavar="AE@HOST:PORT", help="C-STORE to this AE title, host and port")
     where.add_argument("--stow", metavar="URL", help="STOW-RS to this DICOMweb base URL")
-    q.add_argument("--user", help="HTTP Basic user of the STOW-RS archive")
+    q.add_argument("--user", help="HTTP Basic user of the STOW-RS archive (https only, except on loopback)")
     q.add_argument("--password-file", metavar="FILE",
                    help="file holding the password (one line); copied into the data directory, mode 0600")
     q.add_argument("--rule", choices=["all", "evaluable"], default="all",
@@ -98,7 +101,8 @@ def add_commands(sub, common) -> None:
     q.set_defaults(func=cmd_archive_backlog)
     q = s.add_parser("forward", parents=[common], help="send what is due (the forward-to-archive flow)")
     q.add_argument("--trial")
-    q.add_argument("--batch-size", type=int, default=50)
+    q.add_argument("--batch-size", type=int, default=50, help="instances per association or request (default 50)")
+    q.add_argument("--batch-mib", type=int, default=64, help="at most this many MiB per batch (default 64)")
     q.add_argument("--timeout", type=float, default=30.0, help="network time-out in seconds (default 30)")
     q.add_argument("--direct", action="store_true", help="run the use case without Prefect")
     q.set_defaults(func=cmd_archive_forward)

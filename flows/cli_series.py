@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from flows.cli_common import cli_actor, prepare_prefect_env, print_result, session, settings
-from services import intake, lookup
+from services import intake, lookup, review
 
 
 def cmd_register_load(args) -> int:
@@ -75,6 +75,17 @@ def cmd_series_list(args) -> int:
     return 0
 
 
+def cmd_series_accept_versions(args) -> int:
+    with session() as s:
+        try:
+            data = review.accept_new_versions(s, args.series_uid, actor=cli_actor())
+        except review.NotFound as exc:
+            print(f"corelab series accept-versions: {exc}", file=sys.stderr)
+            return 2
+    print_result(args, data)
+    return 0
+
+
 def cmd_quarantine_list(args) -> int:
     with session() as s:
         rows = lookup.quarantine_rows(s, include_released=args.all)
@@ -134,6 +145,11 @@ def add_commands(sub, common) -> None:
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = ssub.add_parser("list", parents=[common], help="every received series with its state and QC state")
     q.set_defaults(func=cmd_series_list)
+    q = ssub.add_parser("accept-versions", parents=[common],
+                        help="the core lab has reviewed a series' new versions of instances: clear their flag "
+                             "(under the archive rule 'evaluable' they are forwarded only then)")
+    q.add_argument("series_uid", metavar="SERIES_UID")
+    q.set_defaults(func=cmd_series_accept_versions)
 
     p = sub.add_parser("quarantine", help="objects held back, with their reasons")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -31,8 +31,9 @@ def _wants_json(request: Request) -> bool:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from portal import (admin_views, api_views, archive_views, auth_views, dicomweb_read, dicomweb_store,
-                        manager_views, oidc, report_views, review_views, site_views, upload_views)
+    from portal import (admin_views, api_views, archive_views, auth_views, datadocs_views, dicomweb_read,
+                        dicomweb_store, manager_views, oidc, phantom_views, report_views, review_views, site_views,
+                        upload_views)
 
     settings = settings or load_settings()
     app = FastAPI(title="corelab portal", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
@@ -40,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = open_store(settings)
     app.mount("/static", StaticFiles(directory=str(Path(__file__).with_name("static"))), name="static")
     for module in (auth_views, oidc, site_views, review_views, report_views, manager_views, admin_views, api_views,
-                   dicomweb_store, dicomweb_read, upload_views, archive_views):
+                   dicomweb_store, dicomweb_read, upload_views, archive_views, phantom_views, datadocs_views):
         app.include_router(module.router)
 
     @app.middleware("http")

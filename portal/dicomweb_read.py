@@ -3,8 +3,9 @@ what corelab holds. GET only; the STOW-RS POSTs are :mod:`portal.dicomweb_store`
 
 Who: a physicist (every site) and a site user (its own studies), by API token
 (``Authorization: Bearer clt_...``) or a session; a trial manager and an admin are refused (403).
-What each may see is :mod:`services.dicomweb_query` (one scope rule, :func:`services.access.restrict`):
-a study, series or instance of another site answers 404, as one that does not exist.
+What each may see is :mod:`services.dicomweb_metadata` (one scope rule, :func:`services.access.restrict`):
+a study, series or instance of another site answers 404, as one that does not exist. Searching is
+:mod:`services.dicomweb_query`, its keys and matching :mod:`services.dicomweb_match`.
 
     GET /dicomweb/studies | /series | /instances                       QIDO-RS search (application/dicom+json)
     GET /dicomweb/studies/{study}/series | /instances
@@ -17,6 +18,11 @@ spool files (1 MiB reads; never a whole series in memory), each part the stored 
 received, labelled with its transfer syntax. corelab does not transcode: Accept must allow the
 stored syntax (``transfer-syntax=*``, the stored one, or no parameter when it is Explicit VR Little
 Endian, the standard's default); otherwise 406 saying what to ask for.
+
+A spool file that is missing or not its indexed size is found before an answer starts: every file
+of a retrieve or a metadata request is checked first, and a search reads the headers it needs
+before it answers. Either way the answer is a JSON 500 naming the series and the fix, never a
+200 cut short.
 
 Audit: one event ``dicomweb.retrieve`` per study or series retrieve (who, which UID, how many
 instances and bytes), when the answer starts. Searches, metadata and single-instance retrieves are
@@ -37,8 +43,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from corelab import audit
 from portal.security import Ctx, require
+from services import dicomweb_metadata as dm
 from services import dicomweb_query as dq
-from services.dicomweb_query import DicomwebError, check_uid
+from services.dicomweb_match import DicomwebError, check_uid, parse_query
 
 LOG = logging.getLogger("corelab.portal")
 router = APIRouter(prefix="/dicomweb")
@@ -47,6 +54,8 @@ CHUNK_BYTES = 1 << 20
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 DICOM_JSON = "application/dicom+json"
 _JSON_TYPES = ("*/*", "application/*", DICOM_JSON, "application/json")
+# PS3.18 8.3.4.1: a fuzzymatching request a server does not support is answered with this warning.
+FUZZY_WARNING = '299 corelab "fuzzymatching not supported: only literal, case-sensitive matching was performed"'
 
 
 def _error(exc: DicomwebError) -> JSONResponse:
@@ -107,17 +116,10 @@ def _retrieve(ctx: Ctx, request: Request, what: str, study: str, series: str | N
             raise DicomwebError(406, 'this resource is multipart/related; type="application/dicom": ask for it, '
                                      "with transfer-syntax=* to get the objects as stored")
         with ctx.db() as s:
-            rows = dq.instances(s, ctx.scope, *_path_uids(study, series, instance))
-            files = [dq.stored_path(ctx.settings, inst) for inst in rows]
-            for path, inst in zip(files, rows):
-                if not path.is_file() or path.stat().st_size != inst.size_bytes:
-                    # A store problem, not the caller's: logged for the core lab, no spool path in the answer.
-                    LOG.error("dicomweb: the spool file of instance row %s is missing or not its indexed size",
-                              inst.id)
-                    raise DicomwebError(500, "a stored file of this object is missing or damaged; the core lab "
-                                             "has been told in its log")
+            rows = dm.instances(s, ctx.scope, *_path_uids(study, series, instance))
+            files = dm.check_spool_files(s, ctx.settings, rows)  # before the answer starts: never a cut body
             if not any_syntax:
-                stored = {dq.transfer_syntax(p) for p in files}
+                stored = {dm.transfer_syntax(p) for p in files}
                 if not stored <= wanted:
                     raise DicomwebError(406, "corelab sends objects as they were received (it does not "
                                              f"transcode), here in {', '.join(sorted(stored))}: ask for "
@@ -140,7 +142,7 @@ def _multipart(files: list[Path], boundary: str) -> Iterator[bytes]:
     marker = f"--{boundary}".encode()
     for i, path in enumerate(files):
         head = (b"\r\n" if i else b"") + marker + (
-            f"\r\nContent-Type: application/dicom; transfer-syntax={dq.transfer_syntax(path)}\r\n\r\n").encode()
+            f"\r\nContent-Type: application/dicom; transfer-syntax={dm.transfer_syntax(path)}\r\n\r\n").encode()
         yield head
         with path.open("rb") as f:
             while chunk := f.read(CHUNK_BYTES):
@@ -152,15 +154,21 @@ def _metadata(ctx: Ctx, request: Request, study: str, series: str | None = None,
     try:
         _check_json_accept(request)
         with ctx.db() as s:
-            rows = dq.instances(s, ctx.scope, *_path_uids(study, series, instance))
-            paths = [dq.stored_path(ctx.settings, inst) for inst in rows]
+            rows = dm.instances(s, ctx.scope, *_path_uids(study, series, instance))
+            paths = dm.check_spool_files(s, ctx.settings, rows)  # before the answer starts: never a cut body
+            row_ids = [inst.id for inst in rows]
     except DicomwebError as exc:
         return _error(exc)
 
     def body() -> Iterator[bytes]:  # one header at a time: a study of thousands of slices stays small
         yield b"["
-        for i, path in enumerate(paths):
-            yield (b"," if i else b"") + json.dumps(dq.metadata(path)).encode()
+        for i, (path, row_id) in enumerate(zip(paths, row_ids)):
+            try:
+                item = dm.metadata(path)
+            except Exception:  # whole-sized but unreadable: too late for a status, so told in the log
+                LOG.error("dicomweb: metadata cut short: the spool file of instance row %s is not readable", row_id)
+                raise
+            yield (b"," if i else b"") + json.dumps(item).encode()
         yield b"]"
 
     return StreamingResponse(body(), media_type=DICOM_JSON)
@@ -171,13 +179,14 @@ def _search(ctx: Ctx, request: Request, level: str, study: str | None = None, se
         _check_json_accept(request)
         if study is not None:
             _path_uids(study, series)
-        query = dq.parse_query(list(request.query_params.multi_items()), level)
-        base = str(request.base_url).rstrip("/") + router.prefix
+        query = parse_query(list(request.query_params.multi_items()), level)
+        base = ctx.settings.public_url + router.prefix  # never the Host header a client sent
         with ctx.db() as s:
             found = dq.search(s, ctx.settings, ctx.scope, query, base_url=base, study_uid=study, series_uid=series)
     except DicomwebError as exc:
         return _error(exc)
-    return JSONResponse(found, media_type=DICOM_JSON)
+    # No match is 200 and [] (PS3.18 as amended by CP-2473), not 204.
+    return JSONResponse(found, media_type=DICOM_JSON, headers={"Warning": FUZZY_WARNING} if query.fuzzy else None)
 
 
 # --- QIDO-RS ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -154,28 +155,31 @@ def require(*roles: str):
     401 without a valid session or token, 403 for a role not listed or a state-changing request
     without the session's CSRF token.
     """
-    async def dependency(request: Request) -> Ctx:
-        settings: Settings = request.app.state.settings
-        engine: Engine = request.app.state.engine
-        auth = request.headers.get("authorization", "")
-        found, via = None, ""
+    def identify(settings: Settings, engine: Engine, auth: str, cookie: str):
+        """Who is calling, in one short transaction: ``(user id, scope, csrf, via)`` or None."""
         with transaction(engine) as session:
             if auth.lower().startswith("bearer "):
                 user = accounts.user_of_token(session, auth[7:].strip())
                 if user is None:
                     raise HTTPException(401, "invalid, expired or revoked API token",
                                         headers={"WWW-Authenticate": "Bearer"})
-                csrf, via = "", "token"
-            else:
-                found = _from_session(session, settings, request.cookies.get(SESSION_COOKIE, ""))
-                if found is not None:
-                    user, ws = found
-                    csrf, via = ws.csrf_token, "session"
-            if found is not None or via == "token":
-                scope = scope_of(session, user)
-                user_id = user.id
-        if via != "token" and found is None:  # raised after the commit: an idle session's end is kept
+                return user.id, scope_of(session, user), "", "token"
+            found = _from_session(session, settings, cookie)
+            if found is None:
+                return None
+            user, ws = found
+            return user.id, scope_of(session, user), ws.csrf_token, "session"
+
+    async def dependency(request: Request) -> Ctx:
+        settings: Settings = request.app.state.settings
+        engine: Engine = request.app.state.engine
+        # In a worker thread: the store may be busy (a large ingest holding SQLite's write lock),
+        # and waiting for it on the event loop would stall every other request of the portal.
+        who = await run_in_threadpool(identify, settings, engine, request.headers.get("authorization", ""),
+                                      request.cookies.get(SESSION_COOKIE, ""))
+        if who is None:  # raised after the commit: an idle session's end is kept
             raise LoginRequired()
+        user_id, scope, csrf, via = who
         if roles and scope.role not in roles:
             raise HTTPException(403, f"this page is for {' or '.join(roles)} users")
         if via == "session" and request.method not in SAFE_METHODS and not await _csrf_ok(request, csrf):

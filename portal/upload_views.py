@@ -1,6 +1,7 @@
 """Upload in the browser for a site user: a folder or files sent one instance at a time as
 STOW-RS (to ``POST /dicomweb/studies``, portal/dicomweb_store.py), or a zip sent in chunks and
-ingested as a file drop (services/uploads.py).
+ingested as a file drop in the background (services/uploads.py, services/upload_finish.py): the
+finish answers 202 and the page polls ``GET /upload/zip/{id}`` until the summary is there.
 
 The upload page is the one page of the portal that runs a script, ``/static/upload.js`` (served
 from here, nothing inline, no eval): its Content-Security-Policy differs from the app's only in
@@ -13,19 +14,23 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from portal.pages import not_found, page
 from portal.security import CSP, Ctx, require, sending_site
-from services import uploads
+from services import upload_finish, uploads
 from services.uploads import UploadError
 
 router = APIRouter()
 LOG = logging.getLogger("corelab.portal")
+WRITE_BYTES = 1 * 2**20
+"""A chunk's body is gathered into pieces of about this size, each written in a worker thread (the
+event loop only receives: a slow disk never holds up the portal's other requests)."""
 
 # The app's policy with one change: this page may run its own script file (never inline code).
 UPLOAD_CSP = CSP.replace("script-src 'none'", "script-src 'self'")
@@ -109,16 +114,26 @@ async def zip_chunk(upload: str, request: Request, ctx: Ctx = Depends(require("s
     current offset (409 with the offset otherwise)."""
     site = ""
     try:
-        site, _state = _find(ctx, upload)
+        site, _state = await run_in_threadpool(_find, ctx, upload)
         kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
         if kind != "application/octet-stream":
             raise UploadError(415, f"a chunk is sent as application/octet-stream, not {kind[:60]!r}")
-        writer = uploads.ChunkWriter(ctx.settings, site, upload, request.headers.get("content-range"),
-                                     request.headers.get("content-length"))
-        with writer:
+        writer = await run_in_threadpool(uploads.ChunkWriter, ctx.settings, site, upload,
+                                         request.headers.get("content-range"), request.headers.get("content-length"))
+        await run_in_threadpool(writer.__enter__)
+        try:
+            pending = bytearray()
             async for piece in request.stream():
-                writer.write(piece)
-            state = writer.commit()
+                pending += piece
+                if len(pending) >= WRITE_BYTES:
+                    await run_in_threadpool(writer.write, bytes(pending))
+                    pending.clear()
+            if pending:
+                await run_in_threadpool(writer.write, bytes(pending))
+            state = await run_in_threadpool(writer.commit)
+        finally:
+            with anyio.CancelScope(shield=True):  # the lock is released and a partial chunk cut back, always
+                await run_in_threadpool(writer.__exit__, None, None, None)
     except UploadError as exc:
         return _error(exc)
     except ClientDisconnect:  # the chunk was cut back to where it started; nobody is listening
@@ -132,16 +147,17 @@ async def zip_chunk(upload: str, request: Request, ctx: Ctx = Depends(require("s
 
 @router.post("/upload/zip/{upload}/finish")
 def zip_finish(upload: str, ctx: Ctx = Depends(require("site"))):
-    """Ingest the whole zip as the site's file drop; answers the summary (stored, duplicates,
-    quarantined with reasons, the series with their pages)."""
+    """Start ingesting the whole zip as the site's file drop, in the background: answers 202 with
+    ``state: ingesting`` (poll ``GET /upload/zip/{id}`` for the summary: stored, duplicates,
+    quarantined with reasons, the series with their pages), or 200 with the summary once finished."""
     site = ""
     try:
         site, _state = _find(ctx, upload)
-        summary = uploads.finish_upload(ctx.engine, ctx.settings, site, upload, actor=ctx.scope.user)
+        status, body = upload_finish.start_finish(ctx.engine, ctx.settings, site, upload, actor=ctx.scope.user)
     except UploadError as exc:
         return _error(exc)
-    except (OSError, SQLAlchemyError) as exc:  # the store, not the zip: bad objects are quarantined inside
-        LOG.error("upload finish for site %s: the store could not take the zip (%s)", site, type(exc).__name__)
-        return JSONResponse({"detail": "the core lab's store could not take the zip; nothing from it was "
-                                       "acknowledged: finish again later"}, status_code=503)
-    return JSONResponse(summary)
+    except OSError as exc:  # the core lab's disk, not the zip
+        LOG.error("upload finish for site %s: could not start the ingest (%s)", site, type(exc).__name__)
+        return JSONResponse({"detail": upload_finish.FAILED}, status_code=503)
+    headers = {"Location": f"/upload/zip/{upload}"} if status == 202 else {}
+    return JSONResponse(body, status_code=status, headers=headers)

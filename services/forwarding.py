@@ -2,19 +2,24 @@
 the backlog. Called alike by the CLI (``corelab archive``), the Prefect flow ``forward-to-archive``
 and the portal's ``/archive`` page.
 
-What is due for a trial's active destination: the newest version of every stored instance of the
-trial's complete trial series (never a phantom, never a quarantined object, which is no
-:class:`~corelab.models.Instance`), and under the rule ``evaluable`` only series whose state is
-``evaluable`` by the portal's one rule (:func:`services.site_view.series_state`); minus instances
-already delivered there. One :class:`~corelab.models.ArchiveDelivery` per instance and
+What is due for a trial's active destination: per series, the newest version of every stored
+instance of the trial's complete trial series (never a phantom, never a quarantined object, which
+is no :class:`~corelab.models.Instance`), and under the rule ``evaluable`` only series whose state
+is ``evaluable`` by the portal's one rule (:func:`services.site_view.series_state`) and no new
+version awaiting review; minus instances already delivered there (selected in SQL:
+:mod:`services.forwarding_due`). One :class:`~corelab.models.ArchiveDelivery` per instance and
 destination makes forwarding idempotent: a delivered instance is never sent again, a new version
-is a new instance and goes again.
+is a new instance and goes again, recorded as a *replacement*: an archive that keeps the first
+object of a SOP Instance UID (Orthanc's default) answers success and keeps the old one, so the
+archive must accept replacements; the backlog counts them.
 
 A batch runs in two short transactions with the network in between and no transaction open:
-claim (records ``pending``, ``attempts`` + 1), send, record (``sent`` or ``failed`` with the
-reason) plus one audit event per series now wholly delivered. A pending record whose claim is
-younger than :data:`CLAIM_LEASE_S` is left to the run that claimed it; an older one (a run that
-died) is due again.
+claim (one conditional UPDATE per record: ``pending``, ``attempts`` + 1; a record another run
+holds is skipped), send, record (``sent`` or ``failed`` with the reason, only on records still
+held with that attempt) plus one audit event per series now wholly delivered. A pending record
+whose claim is younger than :data:`CLAIM_LEASE_S` is left to the run that claimed it; an older
+one (a run that died) is due again. A send that breaks off with an unexpected error records its
+batch failed before the error goes on to the task's retry.
 
 The password of a STOW-RS archive is never in the database, an audit event, a log or a page: it
 is copied at set-up into ``<data dir>/secrets/archive-<trial>.password`` (mode 0600) and read
@@ -31,21 +36,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from corelab import audit
-from corelab.archive_send import (ArchiveError, Outgoing, check_ae_title, check_host_port, check_stow_url,
-                                  send_cstore, send_stow)
+from corelab.archive_send import (ArchiveError, Outgoing, check_ae_title, check_credentials_transport,
+                                  check_host_port, check_stow_url, send_cstore, send_stow)
 from corelab.db import session_scope
-from corelab.models import (FORWARD_RULES, ArchiveDelivery, ArchiveDestination, Instance, Series, Site, Study,
-                            Subject, Trial, Visit, utcnow)
+from corelab.models import FORWARD_RULES, ArchiveDelivery, ArchiveDestination, Instance, Trial, utcnow
 from corelab.settings import Settings
-from services.site_view import flag_sets, series_state
+from services import forwarding_due
+from services.forwarding_due import CLAIM_LEASE_S, REPLACEMENT_NOTE, eligible_series
 
 LOG = logging.getLogger("corelab.archive")
 BATCH_SIZE = 50
-CLAIM_LEASE_S = 600.0
+BATCH_BYTES = 64 << 20  # one STOW-RS request or association: a retry resends at most this much
 MAX_PASSWORD_BYTES = 1024
 _DICOM_TARGET = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^@]+):(?P<port>[0-9]{1,5})$")
 
@@ -65,6 +69,7 @@ class ForwardResult:
     batches: int = 0
     errors: list[str] = field(default_factory=list)   # distinct reasons, no identifying values
     series_delivered: int = 0
+    replacements: int = 0  # sent over an earlier version: kept only by an archive that accepts replacements
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -154,6 +159,7 @@ def set_destination(session: Session, settings: Settings, trial_code: str, *, di
                        username=username.strip())
             if len(new["username"]) > 255 or any(c in new["username"] for c in ":\r\n"):
                 raise ForwardingError("--user must be one line of at most 255 characters, without ':'")
+            check_credentials_transport(new["url"], new["username"])
     except ValueError as exc:
         if isinstance(exc, ForwardingError):
             raise
@@ -197,65 +203,7 @@ def show(session: Session, scope=None) -> list[dict]:
     return [describe(code, dest) for code, dest in rows if scope is None or scope.sees_trial(code)]
 
 
-# --- what is due ------------------------------------------------------------------------------------------
-
-def eligible_series(session: Session, dest: ArchiveDestination) -> list[int]:
-    """Ids of the trial's complete trial series that the destination's rule lets go."""
-    ids = list(session.exec(select(Series.id).where(Series.trial_id == dest.trial_id, Series.kind == "trial",
-                                                    Series.state == "complete").order_by(col(Series.id))))
-    if dest.rule == "all" or not ids:
-        return ids
-    chosen = col(Series.id).in_(ids)
-    queried, major = flag_sets(session, chosen)
-    return [sid for sid, state, qc in session.exec(select(Series.id, Series.state, Series.qc_state).where(chosen))
-            if series_state(state, qc, unresolved_query=sid in queried, major_open=sid in major)[0] == "evaluable"]
-
-
-def due(session: Session, dest: ArchiveDestination, *, now: dt.datetime | None = None,
-        leased: bool = True) -> list[tuple[Instance, ArchiveDelivery | None]]:
-    """The instances to send (newest version of each SOP instance, not yet delivered), each with
-    its record if it has one; ``leased`` False keeps those claimed by a running batch too."""
-    series_ids = eligible_series(session, dest)
-    if not series_ids:
-        return []
-    newest = (select(Instance.sop_instance_uid, func.max(Instance.version).label("v"))
-              .where(col(Instance.series_id).in_(series_ids)).group_by(Instance.sop_instance_uid).subquery())
-    rows = session.exec(
-        select(Instance, ArchiveDelivery)
-        .join(newest, (Instance.sop_instance_uid == newest.c.sop_instance_uid) & (Instance.version == newest.c.v))
-        .join(ArchiveDelivery, (ArchiveDelivery.instance_id == Instance.id)
-              & (ArchiveDelivery.destination_id == dest.id), isouter=True)
-        .where(col(Instance.series_id).in_(series_ids)).order_by(col(Instance.series_id), col(Instance.id))).all()
-    sent_bytes = set(session.exec(select(ArchiveDelivery.sop_instance_uid, ArchiveDelivery.sha256)
-                                  .where(ArchiveDelivery.destination_id == dest.id, ArchiveDelivery.status == "sent")))
-    horizon = (now or utcnow()) - dt.timedelta(seconds=CLAIM_LEASE_S)
-    out = []
-    for inst, rec in rows:
-        if (inst.sop_instance_uid, inst.sha256) in sent_bytes:
-            continue  # these very bytes are there already (the same instance, or an identical copy)
-        if leased and rec is not None and rec.status == "pending" and rec.last_attempt_at and \
-                rec.last_attempt_at > horizon:
-            continue
-        out.append((inst, rec))
-    return out
-
-
 # --- sending -------------------------------------------------------------------------------------------------
-
-def _claim(session: Session, dest: ArchiveDestination, batch: list[tuple[Instance, ArchiveDelivery | None]]):
-    now = utcnow()
-    records = []
-    for inst, rec in batch:
-        rec = session.get(ArchiveDelivery, rec.id) if rec is not None else None
-        if rec is None:
-            rec = ArchiveDelivery(destination_id=dest.id, instance_id=inst.id, series_id=inst.series_id,
-                                  sop_instance_uid=inst.sop_instance_uid, sha256=inst.sha256)
-        rec.status, rec.attempts, rec.last_attempt_at = "pending", rec.attempts + 1, now
-        session.add(rec)
-        records.append(rec)
-    session.flush()
-    return records
-
 
 def _send(settings: Settings, dest: ArchiveDestination, items: list[Outgoing], timeout_s: float) -> dict[int, str]:
     if dest.kind == "dicom":
@@ -265,73 +213,122 @@ def _send(settings: Settings, dest: ArchiveDestination, items: list[Outgoing], t
                      timeout_s=timeout_s)
 
 
-def _record(session: Session, dest: ArchiveDestination, trial_code: str, outcome: dict[int, str], *,
-            actor: str) -> int:
-    """Store each answer; one audit event per series now wholly delivered. Returns that count."""
-    now = utcnow()
+def _record(session: Session, dest: ArchiveDestination, trial_code: str, outcome: dict[int, str],
+            claimed: dict[int, tuple[int, int, int, bool]], *, actor: str) -> tuple[int, int]:
+    """Store each answer (``outcome``: record id -> error) on the records this run still owns;
+    one audit event per series now wholly delivered. Returns (series delivered, replacements sent)."""
     touched: set[int] = set()
+    replacements = 0
     for rec_id, error in outcome.items():
-        rec = session.get(ArchiveDelivery, rec_id)
-        rec.status, rec.last_error = ("sent", "") if not error else ("failed", error[:500])
-        rec.sent_at = now if not error else None
-        session.add(rec)
-        if not error:
-            touched.add(rec.series_id)
+        attempts, series_id, replacing = claimed[rec_id][1:]
+        note = REPLACEMENT_NOTE if replacing and not error else ""
+        if forwarding_due.record(session, rec_id, attempts, error, note) and not error:
+            touched.add(series_id)
+            replacements += bool(note)
     session.flush()
-    if not touched:
-        return 0
-    waiting = {inst.series_id for inst, _ in due(session, dest, leased=False)}
     delivered = 0
-    for series_id in sorted(touched - waiting):
-        sent = session.exec(select(ArchiveDelivery.sha256).where(ArchiveDelivery.destination_id == dest.id,
-                                                                 ArchiveDelivery.series_id == series_id,
-                                                                 ArchiveDelivery.status == "sent")).all()
-        now_sent = sum(1 for rid, err in outcome.items() if not err and session.get(ArchiveDelivery, rid).series_id
-                       == series_id)
+    for series_id in sorted(touched - forwarding_due.waiting_series(session, dest, touched)):
+        sent, replaced = zip(*session.exec(select(ArchiveDelivery.sha256, ArchiveDelivery.last_error).where(
+            ArchiveDelivery.destination_id == dest.id, ArchiveDelivery.series_id == series_id,
+            ArchiveDelivery.status == "sent")).all())
+        now_sent = sum(1 for rid, err in outcome.items() if not err and claimed[rid][2] == series_id)
         audit.append(session, actor=actor, action="archive.delivered", entity="series", entity_id=series_id,
                      detail={"trial": trial_code, "destination": dest.id, "kind": dest.kind,
                              "target": target_of(dest), "instances": len(sent), "sent_now": now_sent,
+                             "replacements": sum(1 for note in replaced if note == REPLACEMENT_NOTE),
                              "sha256_digest": hashlib.sha256("\n".join(sorted(sent)).encode()).hexdigest()})
         delivered += 1
-    return delivered
+    return delivered, replacements
 
 
-def forward_trial(settings: Settings, trial_code: str, *, batch_size: int = BATCH_SIZE, timeout_s: float = 30.0,
-                  max_batches: int | None = None, actor: str = "forward") -> ForwardResult:
-    """Send what is due for one trial, batch after batch, until nothing is left, the archive
-    fails a whole batch (then the run stops: the rest waits for the retry), or ``max_batches``."""
+def _next_batch(settings: Settings, dest: ArchiveDestination, batch_size: int, batch_bytes: int,
+                started: dt.datetime) -> tuple[list[Outgoing], dict[int, tuple[int, int, int, bool]], int]:
+    """Select up to ``batch_size`` due rows (at most ``batch_bytes`` together, at least one) and
+    claim them: (items won, record id -> (instance id, attempts, series id, replacing), rows seen)."""
+    with session_scope(settings) as s:
+        rows = forwarding_due.due(s, dest, limit=batch_size, not_since=started)
+        total, chosen = 0, []
+        for inst, _rec, replacing in rows:
+            if chosen and total + inst.size_bytes > batch_bytes:
+                break
+            total += inst.size_bytes
+            chosen.append((inst, replacing))
+        if not chosen:
+            return [], {}, 0
+        won = forwarding_due.claim(s, dest, [inst for inst, _ in chosen])
+        items, claimed = [], {}
+        for inst, replacing in chosen:
+            if inst.id in won:
+                rec_id, attempts = won[inst.id]
+                claimed[rec_id] = (inst.id, attempts, inst.series_id, replacing)
+                items.append(Outgoing(rec_id, settings.data_dir / inst.path, inst.sop_class_uid,
+                                      inst.sop_instance_uid))
+    return items, claimed, len(chosen)
+
+
+def forward_trial(settings: Settings, trial_code: str, *, batch_size: int = BATCH_SIZE,
+                  batch_bytes: int = BATCH_BYTES, timeout_s: float = 30.0, max_batches: int | None = None,
+                  actor: str = "forward") -> ForwardResult:
+    """Send what is due for one trial, batch after batch (at most ``batch_size`` instances and
+    ``batch_bytes`` bytes each), until nothing is left, the archive fails a whole batch (then the
+    run stops: the rest waits for the retry), or ``max_batches``. Another run at the same time
+    sends other instances: each batch is claimed row by row.
+
+    Raises
+    ------
+    Exception
+        Whatever else broke a send (a spool file gone, a library error): the batch is first
+        recorded failed with the error's type, so the retry sends it again.
+    """
     if not 1 <= batch_size <= 1000:
         raise ForwardingError(f"batch size {batch_size} is outside 1-1000")
+    if batch_bytes < 1:
+        raise ForwardingError(f"batch bytes {batch_bytes} must be positive")
     with session_scope(settings) as s:
         dest = active_destination(s, _trial(s, trial_code).id)
         if dest is None:
             raise ForwardingError(f"trial {trial_code} has no archive: set one with `corelab archive set "
                                   f"{trial_code} --dicom AE@host:port` or `--stow URL`")
     result = ForwardResult(trial_code, target_of(dest))
-    tried: set[int] = set()  # instances attempted in this run: a failure waits for the next run
+    started = utcnow()  # a row attempted since then failed in this run: it waits for the next run
+    lost = 0
     while max_batches is None or result.batches < max_batches:
-        with session_scope(settings) as s:
-            batch = [(i, r) for i, r in due(s, dest) if i.id not in tried][:batch_size]
-            if not batch:
+        items, claimed, seen = _next_batch(settings, dest, batch_size, batch_bytes, started)
+        if not seen:
+            break
+        if not items:  # another run claimed all of them between our select and our claim
+            lost += 1
+            if lost > 3:
                 break
-            records = _claim(s, dest, batch)
-            items = [Outgoing(r.id, settings.data_dir / i.path, i.sop_class_uid, i.sop_instance_uid)
-                     for (i, _), r in zip(batch, records)]
-        tried.update(i.id for i, _ in batch)
+            continue
         result.batches += 1
         stop = False
         try:
             outcome = _send(settings, dest, items, timeout_s)
         except (ArchiveError, ValueError) as exc:
             outcome, stop = {item.key: str(exc) for item in items}, True
+        except Exception as exc:
+            # left pending, the batch would count as claimed for the lease and the retry would
+            # send nothing: record it failed first, then let the task's retry take it
+            LOG.error("archive %s (%s): batch %d broke off: %s", trial_code, result.target, result.batches,
+                      type(exc).__name__)
+            reason = f"the send broke off ({type(exc).__name__}): see the corelab log; retried on the next run"
+            with session_scope(settings) as s:
+                _record(s, dest, trial_code, {item.key: reason for item in items}, claimed, actor=actor)
+            raise
         with session_scope(settings) as s:
-            result.series_delivered += _record(s, dest, trial_code, outcome, actor=actor)
+            delivered, replacements = _record(s, dest, trial_code, outcome, claimed, actor=actor)
+        result.series_delivered += delivered
+        result.replacements += replacements
         failures = [e for e in outcome.values() if e]
         result.sent += len(outcome) - len(failures)
         result.failed += len(failures)
         result.errors += [e for e in dict.fromkeys(failures) if e not in result.errors]
         LOG.info("archive %s (%s): batch %d: %d sent, %d failed", trial_code, result.target, result.batches,
                  len(outcome) - len(failures), len(failures))
+        if replacements:
+            LOG.warning("archive %s (%s): %d sent as replacements of earlier versions: the archive must accept "
+                        "replacements (Orthanc: OverwriteInstances true)", trial_code, result.target, replacements)
         if stop:
             break
     return result
@@ -347,44 +344,23 @@ def forward(settings: Settings, trial_code: str | None = None, **options) -> lis
 # --- the backlog ------------------------------------------------------------------------------------------------
 
 def backlog(session: Session, scope=None, trial_code: str | None = None) -> list[dict]:
-    """Per trial with an archive: destination, rule, waiting (pending and failed), sent, the oldest
-    waiting series' completion, the newest error, and the series waiting (site, subject pseudonym,
-    visit, modality, counts); only ``scope``'s trials when given."""
+    """Per trial with an archive (only ``scope``'s trials when given): destination, rule, and
+    :func:`services.forwarding_due.backlog_of`: waiting (pending and failed), held for review,
+    sent (as replacements), the newest error, the oldest waiting series, the first series."""
     out = []
     for row in show(session, scope):
         if trial_code and row["trial"] != trial_code:
             continue
         dest = active_destination(session, _trial(session, row["trial"]).id)
-        waiting = due(session, dest, leased=False)
-        failed = [r for _, r in waiting if r is not None and r.status == "failed"]
-        newest_failure = max(failed, key=lambda r: r.last_attempt_at or r.created_at, default=None)
-        per_series: dict[int, dict] = {}
-        for inst, rec in waiting:
-            entry = per_series.setdefault(inst.series_id, {"waiting": 0, "failed": 0})
-            entry["waiting"] += 1
-            entry["failed"] += rec is not None and rec.status == "failed"
-        series_rows = []
-        if per_series:
-            for sid, site, modality, completed, pseudonym, visit in session.exec(
-                    select(Series.id, Site.code, Series.modality, Series.completed_at, Subject.pseudonym, Visit.label)
-                    .join(Site, Series.site_id == Site.id, isouter=True)
-                    .join(Study, Series.study_id == Study.id, isouter=True)
-                    .join(Visit, Study.visit_id == Visit.id, isouter=True)
-                    .join(Subject, Visit.subject_id == Subject.id, isouter=True)
-                    .where(col(Series.id).in_(list(per_series))).order_by(col(Series.completed_at), col(Series.id))):
-                series_rows.append({"series_id": sid, "site": site, "subject": pseudonym, "visit": visit,
-                                    "modality": modality, "completed_at": completed, **per_series[sid]})
-        sent = session.exec(select(func.count()).select_from(ArchiveDelivery).where(
-            ArchiveDelivery.destination_id == dest.id, ArchiveDelivery.status == "sent")).one()
-        out.append({**row, "waiting": len(waiting), "pending": len(waiting) - len(failed), "failed": len(failed),
-                    "sent": int(sent),
-                    "oldest_waiting": min((r["completed_at"] for r in series_rows if r["completed_at"]), default=None),
-                    "last_error": newest_failure.last_error if newest_failure else "",
-                    "last_error_at": newest_failure.last_attempt_at if newest_failure else None,
-                    "series": series_rows})
+        out.append({**row, **forwarding_due.backlog_of(session, dest)})
     return out
 
 
-__all__ = ["BATCH_SIZE", "CLAIM_LEASE_S", "ForwardResult", "ForwardingError", "active_destination", "backlog",
+def due(session: Session, dest: ArchiveDestination, **options) -> list[tuple[Instance, ArchiveDelivery | None]]:
+    """What is due for ``dest`` (see :func:`services.forwarding_due.due`), as (instance, record)."""
+    return [(inst, rec) for inst, rec, _ in forwarding_due.due(session, dest, **options)]
+
+
+__all__ = ["BATCH_BYTES", "BATCH_SIZE", "CLAIM_LEASE_S", "ForwardResult", "ForwardingError", "active_destination", "backlog",
            "describe", "due", "eligible_series", "forward", "forward_trial", "read_password", "set_destination",
            "show", "target_of"]

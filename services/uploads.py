@@ -4,14 +4,21 @@ A site user's browser sends a zip of DICOM files in pieces, so a large study sur
 connection: the upload is created with its total size, each chunk says where it belongs
 (``Content-Range: bytes a-b/total``) and is streamed to disk, and a chunk that does not start at
 the current offset is refused with that offset, so the client resends from there. When every
-byte is in, :func:`finish_upload` ingests the zip as that site through the file drop
-(:func:`services.intake.ingest_drop`, with its hostile-input limits) and audits it.
+byte is in, :func:`services.upload_finish.start_finish` ingests the zip in the background as that
+site through the file drop (:func:`services.intake.ingest_drop`, with its hostile-input limits) and
+audits it; the caller polls :func:`upload_state` until the summary is there.
 
 Layout: ``<data dir>/uploads/<SITE>/<id>.part`` (the bytes so far), ``<id>.json`` (total size,
-user, creation time), ``<id>.done.json`` (the summary, so a repeated finish answers the same and
-ingests nothing twice). Folders are 0700, files 0600. Ids are random (``secrets.token_urlsafe``)
+user, creation time), ``<id>.ingest.json`` (while the ingest runs, or why it
+failed), ``<id>.done.json`` (the summary, so a repeated finish answers the same and ingests
+nothing twice). Folders are 0700, files 0600. Ids are random (``secrets.token_urlsafe``)
 and looked up under the caller's site only: another site's id is not found. Uploads without
 activity for :data:`STALE_AFTER_S` are removed by the sweep every create runs.
+
+Disk space is promised, not hoped for: a create needs the zip's size, plus the bytes every other
+open upload (of any site) has still to send, plus :data:`DISK_MARGIN_BYTES` free; each chunk
+checks again (the spool or anything else may have filled the disk since) and is refused with 507,
+keeping nothing of it.
 
 The zip's own name is checked (a ``.zip``) and then forgotten: a file name may carry a patient's
 name, and nothing of it is stored, logged or shown.
@@ -21,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -31,15 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
-
-from corelab import audit
-from corelab.db import transaction
-from corelab.models import Series, Site
 from corelab.settings import Settings
 from corelab.validate import safe_join
-from services import intake
 
 MAX_ZIP_BYTES = 8 * 2**30
 """Largest zip one upload may announce (8 GiB: a whole PET/CT study with room to spare; each object
@@ -53,7 +52,8 @@ MAX_OPEN_UPLOADS = 8
 STALE_AFTER_S = 24 * 3600.0
 """An upload with no chunk for this long is removed (with its bytes) by the next create's sweep."""
 DISK_MARGIN_BYTES = 1 * 2**30
-"""Free space left on the data directory's disk beyond an announced upload, for the spool."""
+"""Free space left on the data directory's disk beyond what open uploads still have to send, for
+the spool (checked at each create and each chunk)."""
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
 _RANGE = re.compile(r"^bytes (\d{1,15})-(\d{1,15})/(\d{1,15})$")
@@ -71,17 +71,26 @@ class UploadError(Exception):
 
 @dataclass(frozen=True)
 class UploadState:
-    """Where one upload stands: ``offset`` bytes of ``total`` held."""
+    """Where one upload stands: ``offset`` bytes of ``total`` held; ``state`` is ``receiving``,
+    ``ingesting``, ``failed`` (``detail`` says why and what to do) or ``finished`` (``summary``)."""
 
     upload_id: str
     site: str
     total: int
     offset: int
     finished: bool = False
+    state: str = "receiving"
+    detail: str | None = None
+    summary: dict | None = None
 
     def as_dict(self) -> dict:
-        return {"upload": self.upload_id, "site": self.site, "total": self.total, "offset": self.offset,
-                "finished": self.finished, "url": f"/upload/zip/{self.upload_id}"}
+        body = {"upload": self.upload_id, "site": self.site, "total": self.total, "offset": self.offset,
+                "finished": self.finished, "state": self.state, "url": f"/upload/zip/{self.upload_id}"}
+        if self.detail:
+            body["detail"] = self.detail
+        if self.summary is not None:
+            body["summary"] = self.summary
+        return body
 
 
 # --- where uploads live -------------------------------------------------------------------------------
@@ -99,6 +108,21 @@ def _private_dir(path: Path) -> Path:
 def _site_dir(settings: Settings, site: str) -> Path:
     _private_dir(uploads_dir(settings))
     return _private_dir(safe_join(uploads_dir(settings), site))
+
+
+def ingest_marker(part: Path) -> Path:
+    """The file saying an upload's ingest is running (or why it failed), beside its bytes."""
+    return part.with_name(part.name.removesuffix(".part") + ".ingest.json")
+
+
+def write_private_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` (0600) whole or not at all: a poll reading it meanwhile sees the
+    old content or the new, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), _FILE)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
 
 
 def _paths(settings: Settings, site: str, upload_id: str) -> tuple[Path, Path, Path]:
@@ -120,17 +144,24 @@ def _meta(settings: Settings, site: str, upload_id: str) -> tuple[Path, dict, Pa
     return part, json.loads(meta.read_text()), done
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Hold the upload's lock: one chunk or finish at a time (a retry racing its own first try is
-    told to wait, not allowed to write the same bytes twice)."""
+def lock_upload(path: Path) -> int:
+    """Take the upload's lock (one chunk or ingest at a time; a retry racing its own first try is
+    told to wait, not allowed to write the same bytes twice); returns the open file descriptor
+    holding it: closing it releases the lock, whichever thread closes it."""
     fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UploadError(409, "another request for this upload is still running: wait for it, ask the "
-                                   "offset and go on from there") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UploadError(409, "another request for this upload is still running: wait for it, ask the "
+                               "offset and go on from there") from None
+    return fd
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    fd = lock_upload(path)
+    try:
         yield fd
     finally:
         os.close(fd)
@@ -184,6 +215,42 @@ def sweep_stale(settings: Settings, *, now: float | None = None) -> int:
     return removed
 
 
+def _open_uploads(settings: Settings):
+    """(site, id, total, held) of every unfinished upload, all sites (finished ones hold no meta)."""
+    root = uploads_dir(settings)
+    if not root.is_dir():
+        return
+    for site_dir in (p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        for meta in site_dir.glob("*.json"):
+            upload_id, _dot, rest = meta.name.partition(".")
+            if rest != "json" or not _ID.match(upload_id):
+                continue
+            try:
+                total = int(json.loads(meta.read_text())["total"])
+                held = (site_dir / f"{upload_id}.part").stat().st_size
+            except (OSError, ValueError, KeyError, TypeError):  # finished or removed meanwhile
+                continue
+            yield site_dir.name, upload_id, total, held
+
+
+def reserved_bytes(settings: Settings, *, besides: str | None = None) -> int:
+    """Bytes every open upload (all sites; but ``besides``) has announced and not yet sent."""
+    return sum(max(total - held, 0) for _site, upload_id, total, held in _open_uploads(settings)
+               if upload_id != besides)
+
+
+@contextlib.contextmanager
+def _creating(settings: Settings):
+    """One create at a time (across processes): two creates must not both count on the same space."""
+    fd = os.open(_private_dir(uploads_dir(settings)) / ".create.lock",
+                 os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), _FILE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def create_upload(settings: Settings, site: str, *, name: str, total: int, user: str) -> UploadState:
     """Announce a zip of ``total`` bytes for ``site`` (a site the caller may send for, checked by
     the caller); returns the new upload at offset 0."""
@@ -201,25 +268,42 @@ def create_upload(settings: Settings, site: str, *, name: str, total: int, user:
         raise UploadError(429, f"site {site} has {len(open_ids)} unfinished uploads, the most allowed at once is "
                                f"{MAX_OPEN_UPLOADS}: finish or resume those first (unused ones are removed after a "
                                "day)")
-    free = shutil.disk_usage(folder).free
-    if free < total + DISK_MARGIN_BYTES:
-        raise UploadError(507, f"the core lab's disk has {free} bytes free, too little for a zip of {total} bytes "
-                               "and the spool: try later or tell the core lab")
-    upload_id = secrets.token_urlsafe(24)
-    part, meta, _done = _paths(settings, site, upload_id)
-    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), _FILE))
-    fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), _FILE)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"total": total, "user": user, "created": time.time()}, fh)
+    with _creating(settings):
+        free = shutil.disk_usage(folder).free
+        if free < reserved_bytes(settings) + total + DISK_MARGIN_BYTES:
+            # (other sites' uploads are not described: a site learns nothing of another's)
+            raise UploadError(507, f"the core lab's disk has {free} bytes free, too little for a zip of {total} bytes "
+                                   "next to the uploads in progress and the spool: try later or tell the core lab")
+        upload_id = secrets.token_urlsafe(24)
+        part, meta, _done = _paths(settings, site, upload_id)
+        os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), _FILE))
+        fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), _FILE)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"total": total, "user": user, "created": time.time()}, fh)
     return UploadState(upload_id, site, total, 0)
 
 
 def upload_state(settings: Settings, site: str, upload_id: str) -> UploadState:
-    """The upload's offset (bytes durably held) and total; 404 for an unknown or another site's id."""
+    """The upload's offset (bytes durably held), total and state (with the summary once
+    finished); 404 for an unknown or another site's id."""
     part, info, done = _meta(settings, site, upload_id)
     if done.exists():
-        return UploadState(upload_id, site, info["total"], info["total"], finished=True)
-    return UploadState(upload_id, site, info["total"], part.stat().st_size)
+        return UploadState(upload_id, site, info["total"], info["total"], finished=True, state="finished",
+                           summary=info)
+    try:
+        held = part.stat().st_size
+        ingest = json.loads(ingest_marker(part).read_text())
+    except FileNotFoundError:  # no ingest started, or one ended between the looks (its summary is there)
+        if done.exists() or not part.exists():
+            return upload_state(settings, site, upload_id)
+        return UploadState(upload_id, site, info["total"], part.stat().st_size)
+    if ingest.get("state") == "ingesting" and not _busy(part):  # its thread is gone (the portal restarted)
+        if done.exists():  # no: it ended between the two looks
+            return upload_state(settings, site, upload_id)
+        ingest = {"state": "failed", "detail": "the check of the zip was interrupted (the core lab restarted): "
+                                               "finish again"}
+    return UploadState(upload_id, site, info["total"], held, state=ingest.get("state", "failed"),
+                       detail=ingest.get("detail"))
 
 
 # --- chunks ---------------------------------------------------------------------------------------------
@@ -253,7 +337,7 @@ class ChunkWriter:
     def __init__(self, settings: Settings, site: str, upload_id: str, content_range: str | None,
                  content_length: str | None):
         self.part, info, done = _meta(settings, site, upload_id)
-        self.upload_id, self.site, self.total = upload_id, site, int(info["total"])
+        self.settings, self.upload_id, self.site, self.total = settings, upload_id, site, int(info["total"])
         if done.exists():
             raise UploadError(409, "this upload is finished; nothing more can be added", offset=self.total)
         self.start, self.end = parse_content_range(content_range, self.total)
@@ -273,6 +357,13 @@ class ChunkWriter:
             what = "overlaps bytes already held" if self.start < offset else "leaves a gap"
             raise UploadError(409, f"the chunk starts at byte {self.start} and {what}: the upload holds {offset} "
                                    f"bytes, send from byte {offset}", offset=offset)
+        need = (self.end - self.start) + reserved_bytes(self.settings, besides=self.upload_id) + DISK_MARGIN_BYTES
+        free = shutil.disk_usage(self.part).free
+        if free < need:  # the disk filled since the create (the spool, anything): refuse before writing
+            self._lock.__exit__(None, None, None)
+            raise UploadError(507, f"the core lab's disk has {free} bytes free, too little for this chunk next to the "
+                                   f"uploads in progress and the spool: nothing of it was kept, the upload holds "
+                                   f"{offset} bytes; send from there later, or tell the core lab", offset=offset)
         os.lseek(self._fd, offset, os.SEEK_SET)
         return self
 
@@ -302,69 +393,7 @@ class ChunkWriter:
             self._lock.__exit__(None, None, None)
 
 
-# --- finish ---------------------------------------------------------------------------------------------
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _series_links(session: Session, series_uids: list[str], site: str) -> list[dict]:
-    rows = session.exec(select(Series).join(Site, Series.site_id == Site.id)
-                        .where(col(Series.series_uid).in_(series_uids), Site.code == site).order_by(col(Series.id)))
-    return [{"id": s.id, "url": f"/series/{s.id}", "modality": s.modality, "instances": s.instance_count,
-             "state": s.state} for s in rows]
-
-
-def finish_upload(engine: Engine, settings: Settings, site: str, upload_id: str, *, actor: str) -> dict:
-    """Ingest a complete upload as ``site`` (the file drop: each object stored or quarantined with
-    its reason, every series it touched completed at once), audit ``upload.finish`` with the
-    counts and the zip's sha256, then drop the zip's bytes. Returns the summary; a repeated finish
-    returns the same summary (``repeated`` True) and ingests nothing.
-
-    One transaction for the ingest and its audit event, under the upload's lock. A crash after the
-    commit but before the summary is saved leaves the zip in place: finishing again ingests it
-    again, which stores nothing twice (every object is then a duplicate, a no-op).
-
-    QC is not started here: the series are complete and ``pending``, and the DICOM node's ticker
-    (``corelab serve`` / ``corelab receive``, :func:`corelab.series_completion.complete_stable_series`)
-    claims them on its next tick and hands them to its QC starter, as for any arrival; without a
-    running node, the nightly QC takes them.
-    """
-    part, info, done = _meta(settings, site, upload_id)
-    if done.exists():
-        return {**info, "repeated": True}
-    with _locked(part):
-        if done.exists():  # finished by the request that held the lock before us
-            return {**json.loads(done.read_text()), "repeated": True}
-        held = part.stat().st_size
-        if held != info["total"]:
-            raise UploadError(409, f"the upload holds {held} of {info['total']} bytes: send the rest, then finish",
-                              offset=held)
-        sha256 = _sha256_file(part)
-        with transaction(engine) as session:
-            summary = intake.ingest_drop(session, settings, part, site)
-            counts = {k: v for k, v in summary.as_dict().items() if k not in ("series", "quarantine")}
-            result = {"upload": upload_id, "site": site, "total": info["total"], "sha256": sha256, **counts,
-                      "quarantine": [{"reason_code": o.reason_code, "reason": o.reason}
-                                     for o in summary.outcomes if o.status == "quarantined"],
-                      "series": _series_links(session, summary.series_uids, site),
-                      "site_url": f"/sites/{site}", "repeated": False}
-            audit.append(session, actor=actor, action="upload.finish", entity="upload", entity_id=upload_id,
-                         detail={"site": site, "bytes": info["total"], "sha256": sha256, **counts})
-        fd = os.open(done, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), _FILE)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh)
-        meta = part.with_name(f"{upload_id}.json")
-        for path in (part, meta):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    return result
-
-
-__all__ = ["CHUNK_BYTES", "ChunkWriter", "MAX_CHUNK_BYTES", "MAX_OPEN_UPLOADS", "MAX_ZIP_BYTES", "STALE_AFTER_S",
-           "UploadError", "UploadState", "check_zip_name", "create_upload", "finish_upload",
-           "parse_content_range", "sweep_stale", "upload_state", "uploads_dir"]
+__all__ = ["CHUNK_BYTES", "ChunkWriter", "DISK_MARGIN_BYTES", "MAX_CHUNK_BYTES", "MAX_OPEN_UPLOADS", "MAX_ZIP_BYTES",
+           "STALE_AFTER_S", "UploadError", "UploadState", "check_zip_name", "create_upload", "ingest_marker",
+           "lock_upload", "parse_content_range", "reserved_bytes", "sweep_stale", "upload_state", "uploads_dir",
+           "write_private_json"]

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import requests
@@ -30,6 +31,13 @@ __all__ = ["Orthanc", "OrthancMissing", "orthanc_binary", "DICOMWEB_PLUGIN"]
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 _DEBIAN_BINARY = Path("/usr/sbin/Orthanc")
+_RECEIVED = "corelab-received "
+# called by Orthanc for every incoming object before it decides to store, replace or ignore it
+_COUNT_LUA = f"""function ReceivedInstanceFilter(dicom, origin, info)
+  print("{_RECEIVED}" .. dicom["SOPInstanceUID"])
+  return true
+end
+"""
 _INSTALL_HINT = "install the Debian packages: apt-get install orthanc orthanc-dicomweb"
 
 
@@ -59,20 +67,25 @@ class Orthanc:
     ae_title : str
         Orthanc's own (called) AE title.
     overwrite_instances : bool
-        Let a new version of a SOP instance replace the stored one (a corrected object sent again);
-        Orthanc's default keeps the first.
+        Let a new version of a SOP instance replace the stored one (a corrected object sent again).
+        Default False, Orthanc's own default: it keeps the first object of a SOP Instance UID and
+        still answers success to a later one.
+    count_received : bool
+        Log every object Orthanc receives (C-STORE or STOW-RS, stored, replaced or ignored as
+        already stored) through a Lua ``ReceivedInstanceFilter``; :meth:`received` counts them.
     start_timeout_s : float
         How long ``start()`` waits for ``/system`` to answer.
     """
 
     def __init__(self, directory, *, username: str = "corelab", password: str | None = None,
-                 ae_title: str = "ORTHANC", overwrite_instances: bool = True,
-                 start_timeout_s: float = 30.0) -> None:
+                 ae_title: str = "ORTHANC", overwrite_instances: bool = False,
+                 count_received: bool = False, start_timeout_s: float = 30.0) -> None:
         self.directory = Path(directory)
         self.username = username
         self.password = password or secrets.token_urlsafe(12)
         self.ae_title = ae_title
         self.overwrite_instances = overwrite_instances
+        self.count_received = count_received
         self.start_timeout_s = start_timeout_s
         self.http_port = free_port()
         self.dicom_port = free_port()
@@ -112,8 +125,13 @@ class Orthanc:
         return s
 
     # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def lua_path(self) -> Path:
+        return self.directory / "count-received.lua"
+
     def _config(self) -> dict:
-        return {
+        lua = {"LuaScripts": [str(self.lua_path)]} if self.count_received else {}
+        return {**lua,
             "Name": f"corelab-test-{self.ae_title}",
             "StorageDirectory": str(self.directory / "storage"),
             "IndexDirectory": str(self.directory / "index"),
@@ -141,6 +159,8 @@ class Orthanc:
         if not DICOMWEB_PLUGIN.is_file():
             raise OrthancMissing(f"the Orthanc DICOMweb plugin {DICOMWEB_PLUGIN} is missing: {_INSTALL_HINT}")
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.count_received:
+            self.lua_path.write_text(_COUNT_LUA)
         self.config_path.write_text(json.dumps(self._config(), indent=2))
         # the config holds the password: owner-only, like any credential file
         os.chmod(self.config_path, 0o600)
@@ -215,3 +235,15 @@ class Orthanc:
     def statistics(self) -> dict:
         """Orthanc's ``/statistics`` (counts of patients, studies, series, instances)."""
         return self._get("/statistics").json()
+
+    def received(self) -> Counter:
+        """SOP Instance UID -> how many times Orthanc received it (needs ``count_received``),
+        from its log, across restarts."""
+        if not self.count_received:
+            raise RuntimeError("start Orthanc with count_received=True to count what it receives")
+        out: Counter = Counter()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            _, hit, uid = line.partition(_RECEIVED)
+            if hit:
+                out[uid.strip()] += 1
+        return out

@@ -29,10 +29,12 @@ def trials_with_archive(trial_code: str | None = None) -> list[str]:
 
 @task(name="forward-trial", task_run_name="forward {trial_code}", retries=len(RETRY_DELAYS_S),
       retry_delay_seconds=RETRY_DELAYS_S, retry_jitter_factor=0.2, tags=["archive-forward"])
-def forward_trial(trial_code: str, batch_size: int = forwarding.BATCH_SIZE, timeout_s: float = 30.0) -> dict:
-    """Send what is due for one trial; raise :class:`DeliveryFailed` if any delivery failed."""
-    result = forwarding.forward_trial(load_settings(), trial_code, batch_size=batch_size, timeout_s=timeout_s,
-                                      actor="flow:forward-to-archive")
+def forward_trial(trial_code: str, batch_size: int = forwarding.BATCH_SIZE,
+                  batch_bytes: int = forwarding.BATCH_BYTES, timeout_s: float = 30.0) -> dict:
+    """Send what is due for one trial; raise :class:`DeliveryFailed` if any delivery failed (a
+    send that broke off raises its own error, its batch recorded failed: either way Prefect retries)."""
+    result = forwarding.forward_trial(load_settings(), trial_code, batch_size=batch_size, batch_bytes=batch_bytes,
+                                      timeout_s=timeout_s, actor="flow:forward-to-archive")
     if result.failed:
         raise DeliveryFailed(f"{trial_code} -> {result.target}: {result.failed} failed, {result.sent} sent; "
                              + "; ".join(result.errors[:3]))
@@ -44,5 +46,6 @@ def backlog_table(trial_code: str | None = None) -> list[dict]:
     """One row per trial (no series list, no password): the Prefect artifact's table."""
     with session_scope(load_settings()) as s:
         rows = forwarding.backlog(s, trial_code=trial_code)
-    keys = ("trial", "kind", "target", "rule", "waiting", "pending", "failed", "sent", "oldest_waiting", "last_error")
+    keys = ("trial", "kind", "target", "rule", "waiting", "pending", "failed", "held", "sent", "replacements",
+            "oldest_waiting", "last_error")
     return [{k: (str(r[k]) if r[k] is not None else "") for k in keys} for r in rows]

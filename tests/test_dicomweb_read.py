@@ -308,7 +308,7 @@ def test_invalid_input_is_400_with_a_message(server, tokens, lab):
     queries = {"StudyDate=20241399": "calendar date", "StudyDate=2024": "YYYYMMDD",
                "StudyDate=20240501-20240401": "ends before", "limit=0": "limit", "limit=abc": "limit",
                "offset=-1": "offset", "Foo=1": "keyword", "SOPInstanceUID=1.2.3": "instance level: search /instances",
-               "PatientName=X": "not a matching key", "StudyInstanceUID=1.2.x": "not a valid UID",
+               "PatientSex=F": "not a matching key", "StudyInstanceUID=1.2.x": "not a valid UID",
                "includefield=NotAnAttribute": "includefield", "Modality=pt": "modality codes",
                "limit=5&limit=6": "more than once", "fuzzymatching=maybe": "fuzzymatching"}
     for query, words in queries.items():

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import re
 import socket
 import subprocess
 from datetime import timedelta
@@ -20,36 +19,24 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import generate_uid
-from sqlmodel import func, select
+from sqlmodel import select
 
 from corelab.db import open_store, session_scope
-from corelab.models import ApiToken, AuditEvent, Instance, QuarantineItem, Series, Site, utcnow
+from corelab.models import ApiToken, Instance, QuarantineItem, Series, utcnow
 from corelab.receiver_store import Store
 from corelab.series_completion import complete_stable_series, recover
-from portal.serve import start_portal_thread
-from services import accounts
-from synth.net import free_port, wait_for, wait_port
-from synth.small_series import pet_slice
+from services import accounts, stow
+from synth.net import wait_for
 from tests import hostile_objects
 from tests.portal_helpers import PASSWORD, build_portal_lab, csrf_of
-
-BOUNDARY = "corelab-test-7f3a"
-MULTIPART = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
-
+from tests.stow_helpers import (BOUNDARY, MULTIPART, _body, _datasets, _encode, _failed, _post, _reason_codes,
+                                _serve, _site_id, _state, _stow_events, _token, accounts_sha)
 
 # --- fixtures: the lab, a served portal, tokens -----------------------------------------------------
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     return build_portal_lab(tmp_path_factory.mktemp("stow"))
-
-
-def _serve(settings):
-    settings = dataclasses.replace(settings, portal_port=free_port())
-    server, thread = start_portal_thread(settings)
-    wait_port(settings.portal_port, 30)
-    return server, thread, f"http://127.0.0.1:{settings.portal_port}"
 
 
 @pytest.fixture(scope="module")
@@ -60,83 +47,9 @@ def base_url(lab):
     thread.join(10)
 
 
-def _token(lab, name: str, **kw) -> str:
-    with session_scope(lab.settings) as s:
-        return accounts.create_token(s, name, actor="test", label="stow test", **kw)["token"]
-
-
 @pytest.fixture(scope="module")
 def tokens(lab):
     return {name: _token(lab, name) for name in ("site-a", "site-b", "phys", "tm")}
-
-
-def _site_id(lab, code: str) -> int:
-    with session_scope(lab.settings) as s:
-        return s.exec(select(Site.id).where(Site.code == code)).one()
-
-
-def _datasets(lab, n: int, *, site: str = "A01", study: str | None = None, series: str | None = None):
-    """``n`` slices of one de-identified PET series that pass the lab trial's checks, as a site's
-    script holds them after ``dcmread`` of its files (with the PS3.10 preamble; a dataset built in
-    memory has none, see the test of that case)."""
-    study, series, frame = study or generate_uid(), series or generate_uid(), generate_uid()
-    out = []
-    for i in range(n):
-        ds = pet_slice(study=study, series=series, frame=frame, pixels=bytes(range(128)), matrix=8, index=i, n=n)
-        ds.PatientName = ds.PatientID = ds.ClinicalTrialSubjectID = f"FDGR01-{site}-901"
-        ds.ClinicalTrialProtocolID, ds.ClinicalTrialTimePointID = lab.trial, "baseline"
-        ds.preamble = b"\0" * 128
-        out.append(ds)
-    return out
-
-
-def _encode(ds) -> bytes:
-    """The bytes dicomweb-client sends for a dataset (its own encoding: pydicom.dcmwrite)."""
-    with io.BytesIO() as b:
-        pydicom.dcmwrite(b, ds)
-        return b.getvalue()
-
-
-def _body(parts, boundary: str = BOUNDARY, close: bool = True) -> bytes:
-    """A multipart/related body; a part is bytes (application/dicom) or (bytes, content type)."""
-    out = b""
-    for part in parts:
-        data, media = (part, "application/dicom") if isinstance(part, bytes) else part
-        out += f"--{boundary}\r\nContent-Type: {media}\r\n\r\n".encode() + data + b"\r\n"
-    return out + (f"--{boundary}--\r\n".encode() if close else b"")
-
-
-def _post(base_url, token, body, *, content_type: str = MULTIPART, path: str = "/dicomweb/studies", **kw):
-    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    return httpx.post(base_url + path, content=body, headers=headers, timeout=60, **kw)
-
-
-def _state(lab) -> dict:
-    """What a request could leave behind: rows, spool and quarantine files, staging folders."""
-    data = lab.settings.data_dir
-    with session_scope(lab.settings) as s:
-        instances = s.exec(select(func.count()).select_from(Instance)).one()
-        held = s.exec(select(func.count()).select_from(QuarantineItem)).one()
-    staging = lab.settings.stow_staging_dir
-    return {"instances": instances, "quarantined": held,
-            "spool": sum(1 for p in (data / "spool").rglob("*") if p.is_file()),
-            "quarantine_files": sum(1 for p in (data / "quarantine").rglob("*") if p.is_file()),
-            "staging": sorted(p.name for p in staging.iterdir()) if staging.exists() else []}
-
-
-def _failed(response) -> list[dict]:
-    return response.json().get("00081198", {}).get("Value", [])
-
-
-def _reason_codes(response) -> list[str]:
-    return [re.match(r"\w+ \((\w+)\)", item["00091001"]["Value"][0]).group(1) for item in _failed(response)]
-
-
-def _stow_events(lab) -> list[AuditEvent]:
-    with session_scope(lab.settings) as s:
-        return list(s.exec(select(AuditEvent).where(AuditEvent.action == "dicomweb.stow").order_by(AuditEvent.id)))
 
 
 # --- the good path ------------------------------------------------------------------------------------
@@ -147,9 +60,9 @@ def test_a_series_sent_by_dicomweb_client_is_stored_for_the_tokens_site_as_c_sto
     client = DICOMwebClient(url=f"{base_url}/dicomweb", headers={"Authorization": f"Bearer {tokens['site-a']}"})
     answer = client.store_instances(datasets)
     study, series_uid = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
-    # dicomweb-client sends "Host: 127.0.0.1" without the port on a chunked POST; the URLs are built
-    # from the Host the client sent (behind the TLS proxy: the public name)
-    assert answer.RetrieveURL == f"http://127.0.0.1/dicomweb/studies/{study}"
+    # dicomweb-client sends "Host: 127.0.0.1" without the port on a chunked POST; the URLs come from
+    # the settings (portal_public_url, here unset: http://<portal_host>:<portal_port>), not the Host
+    assert answer.RetrieveURL == f"{base_url}/dicomweb/studies/{study}"
     refs = {str(item.ReferencedSOPInstanceUID): item for item in answer.ReferencedSOPSequence}
     assert set(refs) == set(sent) and "FailedSOPSequence" not in answer
     uid = next(iter(refs))
@@ -202,7 +115,7 @@ def test_store_to_a_study_url_refuses_an_instance_of_another_study(lab, base_url
     assert [str(i.ReferencedSOPInstanceUID) for i in answer.ReferencedSOPSequence] == [
         str(ds.SOPInstanceUID) for ds in mine]
     [failed] = answer.FailedSOPSequence
-    assert failed.FailureReason == 0xA900 and str(failed.ReferencedSOPInstanceUID) == str(other[0].SOPInstanceUID)
+    assert failed.FailureReason == stow.STUDY_MISMATCH and str(failed.ReferencedSOPInstanceUID) == str(other[0].SOPInstanceUID)
     with session_scope(lab.settings) as s:
         assert not s.exec(select(Instance).where(Instance.sop_instance_uid == str(other[0].SOPInstanceUID))).all()
 
@@ -253,10 +166,6 @@ def test_expired_and_revoked_tokens_get_401(lab, base_url):
     assert _state(lab) == before
 
 
-def accounts_sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def test_another_sites_token_cannot_add_to_a01s_series(lab, base_url, tokens):
     """site-b's token: a new series becomes B02's; objects that name A01's series are quarantined
     as uid_conflict and never attached to A01, whatever their headers say (PatientID A01)."""
@@ -267,7 +176,7 @@ def test_another_sites_token_cannot_add_to_a01s_series(lab, base_url, tokens):
     response = _post(base_url, tokens["site-b"], _body([_encode(ds) for ds in intruders + own]))
     assert response.status_code == 202
     assert _reason_codes(response) == ["uid_conflict", "uid_conflict"]
-    assert [f["00081197"]["Value"][0] for f in _failed(response)] == [0xA900, 0xA900]
+    assert [f["00081197"]["Value"][0] for f in _failed(response)] == [stow.UID_CONFLICT] * 2
     with session_scope(lab.settings) as s:
         a01_series = s.exec(select(Series).where(Series.series_uid == str(a01[0].SeriesInstanceUID))).one()
         assert a01_series.site_id == _site_id(lab, "A01")

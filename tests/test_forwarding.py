@@ -8,137 +8,33 @@ here from the index independently of the use case.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import stat
 
-import pydicom
 import pytest
 from sqlmodel import select
 
 from corelab.db import session_scope
-from corelab.ingest import complete_series
-from corelab.models import ArchiveDelivery, AuditEvent, Instance, QuarantineItem, Series, Trial
-from corelab.receiver_store import Store
+from corelab.models import ArchiveDelivery, AuditEvent
 from portal.app import create_app
 from services import forwarding
-from services.site_view import flag_sets, series_state
-from synth.orthanc import Orthanc
-from tests.portal_helpers import build_portal_lab, client_for
-
-OTHER_TRIAL = "OTHER-02"
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def dataset_part(data: bytes) -> bytes:
-    """A Part-10 file without preamble and file meta: what C-STORE carries (the archive writes its own meta)."""
-    assert data[128:132] == b"DICM", "not a DICOM Part-10 file"
-    assert data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL"
-    return data[144 + int.from_bytes(data[140:144], "little"):]
+from tests.forwarding_helpers import (assert_holds_exactly, expected, held, narrowed_lab, never_sent_elsewhere, records,
+                                      set_dicom, set_stow, sha, start_orthanc, store_new_version)
+from tests.portal_helpers import client_for
 
 
 @pytest.fixture
 def lab(tmp_path):
-    """The portal lab with three series left in the trial: an evaluable PET, a PET that is not
-    evaluable (or a second PET), and a CT (QC pending: not evaluable)."""
-    lab = build_portal_lab(tmp_path)
-    with session_scope(lab.settings) as s:
-        trial = s.exec(select(Trial).where(Trial.code == lab.trial)).one()
-        other = Trial(code=OTHER_TRIAL)
-        s.add(other)
-        s.flush()
-        rows = s.exec(select(Series).where(Series.trial_id == trial.id, Series.kind == "trial")
-                      .order_by(Series.id)).all()
-        queried, major = flag_sets(s, Series.trial_id == trial.id)
-        state = {x.id: series_state(x.state, x.qc_state, unresolved_query=x.id in queried,
-                                    major_open=x.id in major)[0] for x in rows}
-        pets = [x for x in rows if x.modality == "PT"]
-        good = next(x for x in pets if state[x.id] == "evaluable")
-        bad = next((x for x in pets if state[x.id] != "evaluable"), next(x for x in pets if x is not good))
-        ct = next(x for x in rows if x.modality == "CT")
-        keep = {good.id, bad.id, ct.id}
-        for x in rows:
-            if x.id not in keep:
-                x.trial_id = other.id
-                s.add(x)
-    lab.keep, lab.evaluable = sorted(keep), sorted(k for k in keep if state[k] == "evaluable")
-    return lab
+    return narrowed_lab(tmp_path)
 
 
 @pytest.fixture
 def orthanc(tmp_path):
-    server = Orthanc(tmp_path / "orthanc").start()
+    server = start_orthanc(tmp_path)
     yield server
     server.stop(kill=True)  # its storage is thrown away: no need for Orthanc's clean shutdown (~3 s)
 
-
-def expected(lab, only_series: list[int] | None = None) -> dict[str, Instance]:
-    """SOP Instance UID -> newest stored version, over the trial's complete trial series (from the index)."""
-    out: dict[str, Instance] = {}
-    with session_scope(lab.settings) as s:
-        trial = s.exec(select(Trial).where(Trial.code == lab.trial)).one()
-        for inst, series in s.exec(select(Instance, Series).join(Series, Instance.series_id == Series.id)
-                                   .where(Series.trial_id == trial.id, Series.kind == "trial",
-                                          Series.state == "complete")):
-            if only_series is not None and series.id not in only_series:
-                continue
-            if inst.sop_instance_uid not in out or inst.version > out[inst.sop_instance_uid].version:
-                out[inst.sop_instance_uid] = inst
-    return out
-
-
-def held(server: Orthanc) -> dict[str, bytes]:
-    """SOP Instance UID -> file, of everything Orthanc holds."""
-    return {server.sop_instance_uid(i): server.instance_file(i) for i in server.instances()}
-
-
-def records(lab) -> list[ArchiveDelivery]:
-    with session_scope(lab.settings) as s:
-        return list(s.exec(select(ArchiveDelivery).order_by(ArchiveDelivery.id)))
-
-
-def set_dicom(lab, server: Orthanc, rule: str = "all") -> None:
-    with session_scope(lab.settings) as s:
-        forwarding.set_destination(s, lab.settings, lab.trial, dicom=f"{server.ae_title}@127.0.0.1:{server.dicom_port}",
-                                   rule=rule, actor="test")
-
-
-def set_stow(lab, server: Orthanc, tmp_path, password: str | None = None, rule: str = "all") -> None:
-    pw = tmp_path / "archive.pw"
-    pw.write_text((password or server.password) + "\n")
-    with session_scope(lab.settings) as s:
-        forwarding.set_destination(s, lab.settings, lab.trial, stow_url=server.dicomweb_url, username=server.username,
-                                   password_file=pw, rule=rule, actor="test")
-
-
-def assert_holds_exactly(lab, server: Orthanc, want: dict[str, Instance], *, whole_file: bool) -> None:
-    got = held(server)
-    assert set(got) == set(want)
-    for uid, inst in want.items():
-        spool = (lab.settings.data_dir / inst.path).read_bytes()
-        assert sha(spool) == inst.sha256
-        if whole_file:
-            assert sha(got[uid]) == inst.sha256, uid
-        else:
-            assert sha(dataset_part(got[uid])) == sha(dataset_part(spool)), uid
-
-
-def never_sent_elsewhere(lab, server: Orthanc) -> None:
-    """Phantoms, the other trial's series and quarantined objects are not in the archive."""
-    got = set(server.instances() and held(server))
-    with session_scope(lab.settings) as s:
-        trial = s.exec(select(Trial).where(Trial.code == lab.trial)).one()
-        others = set(s.exec(select(Instance.sop_instance_uid).join(Series, Instance.series_id == Series.id)
-                            .where((Series.kind != "trial") | (Series.trial_id != trial.id))))
-        quarantined = [lab.settings.data_dir / q.path for q in s.exec(select(QuarantineItem))]
-    assert others and not (got & others)
-    assert quarantined, "the lab holds no quarantined object: the check would prove nothing"
-    uids = {str(pydicom.dcmread(p, stop_before_pixels=True, force=True).get("SOPInstanceUID", "")) for p in quarantined}
-    assert not (got & uids)
 
 
 def test_cstore_sends_every_due_instance_once_with_its_bytes(lab, orthanc):
@@ -169,20 +65,9 @@ def test_cstore_sends_every_due_instance_once_with_its_bytes(lab, orthanc):
 
     # a new version of one instance is sent again, and only it
     inst = next(iter(want.values()))
-    ds = pydicom.dcmread(lab.settings.data_dir / inst.path)
-    ds.WindowCenter, ds.WindowWidth = 123, 456
-    path = lab.settings.data_dir / "v2.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    with session_scope(lab.settings) as s:
-        site_id = s.get(Series, inst.series_id).site_id
-    engine = __import__("corelab.db", fromlist=["get_engine"]).get_engine(lab.settings)
-    outcome = Store(lab.settings, engine).accept(path.read_bytes(), sop_instance_uid=inst.sop_instance_uid,
-                                                 site_id=site_id, source="test")
-    assert outcome.status == "new_version"
-    with session_scope(lab.settings) as s:
-        complete_series(s, s.get(Series, inst.series_id), actor="test")
+    store_new_version(lab, inst)
     [third] = forwarding.forward(lab.settings, lab.trial)
-    assert (third.sent, third.failed) == (1, 0)
+    assert (third.sent, third.failed, third.replacements) == (1, 0, 1)  # Orthanc here accepts replacements
     want = expected(lab)
     assert want[inst.sop_instance_uid].version == 2
     assert_holds_exactly(lab, orthanc, want, whole_file=False)

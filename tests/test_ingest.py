@@ -14,13 +14,15 @@ from pydicom.uid import generate_uid
 import pytest
 from sqlmodel import select
 
-from corelab.db import session_scope
+from corelab.db import open_store, session_scope
 from corelab.ingest import ingest_path, release_quarantined
-from corelab.models import Instance, QuarantineItem, Series, Study, Subject, Visit
-from corelab.register import load_register
+from corelab.models import Instance, QuarantineItem, Series, Site, Study, Subject, Visit
+from corelab.receiver_store import Store
+from corelab.register import add_site, add_trial, load_register
 from expectations.manual import trial_fields
 from synth.spec import small_spec
 from synth.trial import generate_trial
+from tests import hostile_objects as hostile
 
 
 @pytest.fixture(scope="session")
@@ -199,3 +201,97 @@ def test_zip_archive_is_opened(settings, small_trial, truth, tmp_path):
         summary = ingest_path(session, settings, archive, site_code="B02")
     assert summary.count("stored") == entry["n_files"]
     assert summary.series_uids == [entry["series_uid"]]
+
+
+# --- a SOP Instance UID belongs to one series: a new version is the same instance in the same series ---
+
+def _lab_with_two_sites(settings):
+    with session_scope(settings) as session:
+        add_site(session, code="A01", ae_title="SITEA")
+        add_site(session, code="B02", ae_title="SITEB")
+        add_trial(session, code="T1", pseudonym_pattern=r"BENCH-\d{3}")
+
+
+def _send(settings, data: bytes, site: str, how: str, tmp_path: Path):
+    """One object through the real ingest path: the node's Store (C-STORE, STOW-RS) or a file drop."""
+    if how == "store":
+        with session_scope(settings) as session:
+            site_id = session.exec(select(Site.id).where(Site.code == site)).one()
+        uid = str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
+        return Store(settings, open_store(settings)).accept(data, sop_instance_uid=uid, site_id=site_id,
+                                                          source="x", ordinal=1)
+    drop = tmp_path / f"drop-{hashlib.sha256(data).hexdigest()[:8]}"
+    drop.mkdir()
+    (drop / "obj.dcm").write_bytes(data)
+    with session_scope(settings) as session:
+        return ingest_path(session, settings, drop, site_code=site).outcomes[0]
+
+
+def _reused(first, **attrs) -> bytes:
+    """An object with ``first``'s SOP Instance UID (file meta too) and other bytes."""
+    ds = hostile.dataset(SOPInstanceUID=first.SOPInstanceUID, SeriesDescription="WB FDG recon 2", **attrs)
+    ds.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    return hostile.encode(ds)
+
+
+def _state_of(settings, series_uid: str) -> tuple:
+    with session_scope(settings) as session:
+        series = session.exec(select(Series).where(Series.series_uid == series_uid)).one()
+        rows = session.exec(select(Instance.series_id, Instance.version, Instance.sha256)).all()
+        return series.state, series.instance_count, sorted(rows)
+
+
+@pytest.mark.parametrize("how", ["store", "drop"])
+@pytest.mark.parametrize("sender, same_study", [("B02", False), ("A01", False), ("A01", True)])
+def test_a_sop_instance_uid_held_in_another_series_is_a_uid_conflict(settings, tmp_path, how, sender, same_study):
+    """Another site's object (new study and series) or the same site's other series (a new study, or a
+    re-reconstruction in the same study) reusing A01's SOP Instance UID is never a new version of A01's
+    instance: quarantined as uid_conflict, with the fix, naming nothing of A01's object."""
+    _lab_with_two_sites(settings)
+    first = hostile.dataset(SeriesDescription="WB FDG")
+    assert _send(settings, hostile.encode(first), "A01", how, tmp_path).status == "stored"
+    before = _state_of(settings, first.SeriesInstanceUID)
+    study = first.StudyInstanceUID if same_study else None
+    intruder = _reused(first, study=study)
+    out = _send(settings, intruder, sender, how, tmp_path)
+    assert (out.status, out.reason_code) == ("quarantined", "uid_conflict"), out.reason
+    assert "SOPInstanceUID" in out.reason and "new SOP Instance UIDs" in out.reason  # what is wrong, the fix
+    assert out.reason.startswith("object #") and hashlib.sha256(intruder).hexdigest()[:12] in out.reason
+    for value in (first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID, "A01"):
+        assert value not in out.reason
+    assert _state_of(settings, first.SeriesInstanceUID) == before  # A01's series and instance untouched
+    intruder_series = str(pydicom.dcmread(io.BytesIO(intruder)).SeriesInstanceUID)
+    with session_scope(settings) as session:
+        assert session.exec(select(Series).where(Series.series_uid == intruder_series)).first() is None
+        item = session.exec(select(QuarantineItem)).one()
+        assert item.sha256 == hashlib.sha256(intruder).hexdigest() and item.series_uid == intruder_series
+        assert session.get(Site, item.site_id).code == sender
+        assert (settings.data_dir / item.path).read_bytes() == intruder
+
+
+@pytest.mark.parametrize("how", ["store", "drop"])
+def test_the_same_instance_in_the_same_series_is_still_a_new_version(settings, tmp_path, how):
+    """The rule does not stop a site correcting its own instance: same study, series and site."""
+    _lab_with_two_sites(settings)
+    first = hostile.dataset()
+    _send(settings, hostile.encode(first), "A01", how, tmp_path)
+    out = _send(settings, _reused(first, study=first.StudyInstanceUID, series=first.SeriesInstanceUID),
+                "A01", how, tmp_path)
+    assert out.status == "new_version" and out.series_uid == first.SeriesInstanceUID
+    with session_scope(settings) as session:
+        series = session.exec(select(Series).where(Series.series_uid == first.SeriesInstanceUID)).one()
+        versions = session.exec(select(Instance.version, Instance.series_id)).all()
+        assert sorted(versions) == [(1, series.id), (2, series.id)]
+
+
+@pytest.mark.parametrize("how", ["store", "drop"])
+def test_another_sites_object_naming_a01s_series_leaves_that_series_as_it_was(settings, tmp_path, how):
+    """uid_conflict holds the intruder; A01's series keeps its state (it is not quarantined by B02)."""
+    _lab_with_two_sites(settings)
+    first = hostile.dataset()
+    _send(settings, hostile.encode(first), "A01", how, tmp_path)
+    before = _state_of(settings, first.SeriesInstanceUID)
+    intruder = hostile.valid(study=first.StudyInstanceUID, series=first.SeriesInstanceUID)
+    out = _send(settings, intruder, "B02", how, tmp_path)
+    assert (out.status, out.reason_code) == ("quarantined", "uid_conflict")
+    assert _state_of(settings, first.SeriesInstanceUID) == before

@@ -5,7 +5,9 @@
  * the file is left "not acknowledged" and Resume sends again only those. The server judges every
  * file: 200 stored, 202/409 with a FailedSOPSequence quarantined (the reason is shown).
  * Zip: created with its size, sent in chunks with Content-Range; a chunk refused with 409 carries
- * the server's offset and the upload goes on from there; then finished (ingested as a file drop).
+ * the server's offset and the upload goes on from there; then finished: the core lab answers 202 and
+ * ingests the zip as a file drop in the background, and the page polls the upload until its summary
+ * is there (a failed ingest leaves Resume, which finishes again).
  * File names stay in the browser: the page shows files by number, never by name.
  */
 (function () {
@@ -19,6 +21,7 @@
   var SENDERS = 3;
   var BACKOFF_MS = [300, 1000, 2000, 4000];   // RETRIES = its length: five tries in all
   var RETRIES = BACKOFF_MS.length;
+  var POLL_MS = 1000;                          // while the core lab checks a zip
   var FAILED_SOP_SEQUENCE = "00081198", FAILURE_REASON = "00081197";
   var PRIVATE_CREATOR = "00090010", CORELAB_REASON = "00091001";
 
@@ -109,8 +112,9 @@
                              : "All " + items.length + " files acknowledged: " + c.stored + " stored, " + c.quarantined + " quarantined");
     }
     if (zipJob) {
-      parts.push(zipJob.done ? "the zip is in and was checked" : "the zip is not complete (" + zipJob.offset + " of " + zipJob.file.size +
-                 " bytes received): press Resume to go on");
+      parts.push(zipJob.done ? "the zip is in and was checked"
+                 : zipJob.offset >= zipJob.file.size ? "the zip is in but its check did not finish: press Resume to finish it"
+                 : "the zip is not complete (" + zipJob.offset + " of " + zipJob.file.size + " bytes received): press Resume to go on");
     }
     setStatus(parts.join("; ") + ".");
     show("done", !unsentFiles && !zipLeft);
@@ -252,6 +256,23 @@
     (summary.quarantine || []).forEach(function (q) { addReason("in the zip", q.reason); });
   }
 
+  async function zipPoll() {
+    // After a 202: ask the upload's state until the ingest is over -> {status, body: summary or error}.
+    for (var failures = 0; ; ) {
+      await sleep(POLL_MS);
+      var r = await call(cfg.zipUrl + "/" + zipJob.id, {method: "GET", headers: {"Accept": "application/json"}});
+      if (r.status === 200 && r.body) {
+        failures = 0;
+        if (r.body.state === "finished" && r.body.summary) { return {status: 200, body: r.body.summary}; }
+        if (r.body.state === "failed") { return {status: 503, body: {detail: r.body.detail}}; }
+        continue;  // still ingesting (or waiting for the one before it)
+      }
+      if (!retryable(r.status) || failures >= RETRIES) { return r; }
+      await sleep(BACKOFF_MS[failures]);
+      failures += 1;
+    }
+  }
+
   async function runZip() {
     if (sendingZip) { return; }
     sendingZip = true;
@@ -266,6 +287,7 @@
       var f = await withRetries(function () {
         return call(cfg.zipUrl + "/" + zipJob.id + "/finish", {method: "POST", headers: {"Accept": "application/json"}});
       });
+      if (f.status === 202) { f = await zipPoll(); }
       if (f.status !== 200) { setStatus("Finishing the zip failed: " + detail(f.body, f.status)); return; }
       zipJob.done = true;
       window.localStorage.removeItem(zipKey(zipJob.file));
