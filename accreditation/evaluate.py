@@ -330,7 +330,10 @@ def record_evaluation(session: Session, series: Series, evaluation: PhantomEvalu
         PhantomResult.series_id == series.id, PhantomResult.input_sha256 == input_sha256,
         PhantomResult.standard == evaluation.standard, PhantomResult.standard_version == evaluation.standard_version,
         PhantomResult.corelab_version == evaluation.corelab_version)).all()
-    stored = next((r for r in rows if _same_analysis(r.metrics or {}, evaluation.metrics)), None)
+    # The same analysis of the same fill sheet: a corrected sheet is a new result even where the
+    # numbers happen to agree (the result records the sheet it was judged against).
+    stored = next((r for r in rows if _same_analysis(r.metrics or {}, evaluation.metrics)
+                   and (r.fill or {}) == (evaluation.fill or {})), None)
     if stored is not None:
         move(session, series, qc_state="done", actor="accreditation", reason="phantom analysed (result already stored)",
              detail={"phantom_result_id": stored.id})

@@ -2,272 +2,51 @@
 
 One function, :func:`accept_object`, takes the bytes of one object as a site sent it and either
 stores it durably in the spool (index row, temporary file, fsync, rename, commit) or puts it in
-quarantine with a reason that names the object (its ordinal in the drop and its sha256 prefix:
-never a file name), the rule and the fix. The file drop (:func:`ingest_path`), the inbox and the
-DICOM node all go through it, so they apply the same checks to the same store.
+quarantine (:func:`corelab.quarantine.hold`; :func:`release_quarantined` tries it again) with a
+reason that names the object (its ordinal in the drop and its sha256 prefix: never a file name),
+the rule and the fix. The file drop (:func:`ingest_path`), the inbox and the DICOM node all go
+through it, so they apply the same checks to the same store.
 
 One guard per object: every check (:mod:`corelab.validate`, :mod:`corelab.deid`) runs before
 any row is created, and anything unexpected while reading or checking quarantines the object as
 ``unreadable`` naming the step. Only resource failures (a write to the data directory, the
-database) raise, and then the files this transaction wrote are removed again when it rolls back,
-so the spool never holds a file without its row.
+database) raise, and then the files this transaction wrote are removed again when it rolls back
+(:func:`corelab.spool_io.write_tracked`), so the spool never holds a file without its row.
+
+Duplicates and new versions
+---------------------------
+An object whose SOP Instance UID is already held is a *duplicate* (nothing stored, answered like
+a stored one) when its bytes are those of a held version, or when its dataset is, file meta
+aside (:func:`corelab.same_dataset.same_dataset`: the same series re-sent by file drop after
+the node received it carries another ImplementationClassUID). Otherwise it is a *new version*
+(``<SOP UID>.v<N>.dcm``, flagged for review), which replaces the earlier one in every reader
+(:func:`corelab.series_files.newest_instance_rows`); ``Series.instance_count`` counts SOP
+instances, not versions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import event
+from sqlalchemy import distinct, func
 from sqlmodel import Session, col, select
 
 from corelab.completeness import assess, slice_position_mm
+from corelab import audit
 from corelab.deid import DeidPolicy, check_deidentified, is_phantom
+from corelab.fill_sheets import FILL_SHEET, FillSheetRefused, ReplaceRefused, attach
+from corelab.ingest_outcome import IngestSummary, Outcome
+from corelab.ingest_rows import check_instance, check_owner, series_for, trial_for
 from corelab.lifecycle import move
 from corelab.limits import FILL_SHEET_SUFFIX, Limits, iter_drop
-from corelab.models import (Instance, QuarantineItem, Scanner, Series, Site, Study, Subject, Trial, Visit,
-                            utcnow)
-from corelab.register import flag_requalification
+from corelab.models import Instance, QuarantineItem, Series, Site, Study, utcnow
+from corelab.quarantine import PARTIAL_CODES, hold
+from corelab.same_dataset import held_copy
 from corelab.series_files import newest_instance_rows, series_dir
 from corelab.settings import Settings
-from corelab.validate import (HELD_PREFIX_BYTES, REQUIRED_UIDS, SOP_CLASSES, ObjectFacts, Rejected, check_deflate,
+from corelab.spool_io import durable_write, sha256_bytes, write_tracked
+from corelab.validate import (HELD_PREFIX_BYTES, REQUIRED_UIDS, SOP_CLASSES, Rejected, check_deflate,
                               extract_facts, finite, object_label, parse_object, safe_join, step)
-
-_CODE_UNSAFE = re.compile(r"[^A-Z0-9_-]")
-_WRITTEN = "corelab.ingest.written"
-PARTIAL_CODES = ("too_large", "zip_bomb")  # quarantine holds only a prefix of these
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What happened to one received object; ``source`` is its label (ordinal, sha256 prefix)."""
-
-    source: str
-    status: str  # stored | duplicate | new_version | quarantined
-    series_uid: str | None = None
-    reason_code: str | None = None
-    reason: str | None = None
-
-
-@dataclass
-class IngestSummary:
-    outcomes: list[Outcome] = field(default_factory=list)
-    series_uids: list[str] = field(default_factory=list)
-
-    def count(self, status: str) -> int:
-        return sum(o.status == status for o in self.outcomes)
-
-    def as_dict(self) -> dict:
-        return {
-            "objects": len(self.outcomes),
-            "stored": self.count("stored"),
-            "duplicates": self.count("duplicate"),
-            "new_versions": self.count("new_version"),
-            "quarantined": self.count("quarantined"),
-            "series": self.series_uids,
-            "quarantine": [
-                {"source": o.source, "reason_code": o.reason_code, "reason": o.reason}
-                for o in self.outcomes if o.status == "quarantined"
-            ],
-        }
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def durable_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that once this returns the bytes survive a crash.
-
-    Temporary file in the same folder, fsync, atomic rename, fsync of the folder: a half-written
-    file is never visible under its final name.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-# --- files written by a transaction are removed when it does not commit -----------------------------
-
-def _forget_written(session: Session) -> None:
-    # SQLAlchemy 2 also calls after_commit when a savepoint is released (the audit log appends in
-    # one): only the outermost commit makes the files permanent
-    if session.in_nested_transaction():
-        return
-    session.info[_WRITTEN] = []
-
-
-def _remove_unless_committed(session: Session, transaction) -> None:
-    if transaction.parent is None:  # the outermost transaction ended: committed ones were forgotten
-        for path in session.info.get(_WRITTEN, []):
-            path.unlink(missing_ok=True)
-        session.info[_WRITTEN] = []
-
-
-def _write_tracked(session: Session, path: Path, data: bytes) -> None:
-    """Durable write whose file is deleted again if the session's transaction rolls back."""
-    if _WRITTEN not in session.info:
-        session.info[_WRITTEN] = []
-        event.listen(session, "after_commit", _forget_written)
-        event.listen(session, "after_transaction_end", _remove_unless_committed)
-    durable_write(path, data)
-    session.info[_WRITTEN].append(path)
-
-
-# --- looking up and creating rows (only for objects that passed every check) ---------------------------
-
-def _trial_for(session: Session, protocol: str) -> Trial | None:
-    if protocol:
-        trial = session.exec(select(Trial).where(Trial.code == protocol)).first()
-        if trial:
-            return trial
-    trials = session.exec(select(Trial)).all()
-    return trials[0] if len(trials) == 1 else None
-
-
-def _scanner_for(session: Session, site: Site, facts: ObjectFacts) -> Scanner | None:
-    key = (facts.manufacturer, facts.model, facts.serial_number)
-    if not all(key):
-        return None
-    scanner = session.exec(select(Scanner).where(Scanner.manufacturer == key[0], Scanner.model == key[1],
-                                                 Scanner.serial_number == key[2])).first()
-    if scanner is None:
-        # A scanner the register does not know yet: record it, so QC finds it unaccredited. The
-        # same make and model under a new serial at this site is a replaced or repaired scanner.
-        sibling = session.exec(select(Scanner).where(Scanner.site_id == site.id, Scanner.manufacturer == key[0],
-                                                     Scanner.model == key[1])).first()
-        # A code as the register would accept one (A-Z, 0-9, '_', '-'; at most 32): it names paths.
-        code = f"{site.code}-{_CODE_UNSAFE.sub('_', key[2].upper())}"[:32]
-        if session.exec(select(Scanner.id).where(Scanner.code == code)).first() is not None:
-            code = f"{code[:23]}-{sha256_bytes(key[2].encode())[:8].upper()}"  # two serials, one cleaned code
-        scanner = Scanner(site_id=site.id, code=code, manufacturer=key[0], model=key[1], serial_number=key[2],
-                          software_versions=facts.software_versions)
-        session.add(scanner)
-        session.flush()
-        if sibling is not None:
-            flag_requalification(session, scanner, (
-                f"new serial number {key[2]} for the {key[1]} registered at {site.code} as {sibling.code} "
-                f"(serial {sibling.serial_number}): send phantom scans to qualify it"), actor="ingest")
-    scanner.last_seen = utcnow()
-    return scanner
-
-
-def _visit_for(session: Session, trial: Trial, site: Site, facts: ObjectFacts) -> Visit:
-    subject = session.exec(select(Subject).where(Subject.trial_id == trial.id,
-                                                 Subject.pseudonym == facts.subject)).first()
-    if subject is None:
-        subject = Subject(trial_id=trial.id, site_id=site.id, pseudonym=facts.subject)
-        session.add(subject)
-        session.flush()
-    visit = session.exec(select(Visit).where(Visit.subject_id == subject.id, Visit.label == facts.visit_label)).first()
-    if visit is None:
-        visit = Visit(subject_id=subject.id, label=facts.visit_label)
-        session.add(visit)
-        session.flush()
-    return visit
-
-
-def _check_owner(session: Session, facts: ObjectFacts, site: Site, label: str) -> None:
-    """The study and series UIDs must not already belong to another site or (series) another study."""
-    study = session.exec(select(Study).where(Study.study_uid == facts.study_uid)).first()
-    series = session.exec(select(Series).where(Series.series_uid == facts.series_uid)).first()
-    other_study = series is not None and (study is None or series.study_id != study.id)
-    if (study is not None and study.site_id not in (None, site.id)) or \
-            (series is not None and series.site_id not in (None, site.id)) or other_study:
-        raise Rejected("uid_conflict", f"{label}: its StudyInstanceUID or SeriesInstanceUID already belongs to "
-                                       "another site's or another study's series; send it with the UIDs the "
-                                       "scanner assigned, or ask the core lab to check the series")
-
-
-def _check_instance(session: Session, facts: ObjectFacts, label: str) -> None:
-    """A SOP Instance UID belongs to one series: only that series (so, after :func:`_check_owner`,
-    the same study and site) may send a new version of it. Otherwise readers that take the newest
-    version per SOP Instance UID would show another series' object, perhaps another site's."""
-    held_in = session.exec(select(Series.series_uid).join(Instance, col(Instance.series_id) == Series.id)
-                           .where(Instance.sop_instance_uid == facts.sop_instance_uid).distinct()).all()
-    if any(uid != facts.series_uid for uid in held_in):
-        raise Rejected("uid_conflict", f"{label}: its SOPInstanceUID is already held in another series; a new "
-                                       "version must keep the Study and Series UIDs of the instance it replaces, "
-                                       "and a new series (a re-reconstruction, another scan) needs new SOP Instance "
-                                       "UIDs: export it again with new UIDs, or ask the core lab to check the series")
-
-
-def _series_for(session: Session, facts: ObjectFacts, site: Site, trial: Trial | None, phantom: bool) -> Series:
-    series = session.exec(select(Series).where(Series.series_uid == facts.series_uid)).first()
-    if series is not None:
-        return series
-    study = session.exec(select(Study).where(Study.study_uid == facts.study_uid)).first()
-    if study is None:
-        visit_id = _visit_for(session, trial, site, facts).id if trial is not None and not phantom else None
-        study = Study(study_uid=facts.study_uid, site_id=site.id, visit_id=visit_id, study_date=facts.study_date,
-                      description=facts.study_description)
-        session.add(study)
-        session.flush()
-    scanner = _scanner_for(session, site, facts)
-    held = session.exec(select(QuarantineItem.id).where(QuarantineItem.series_uid == facts.series_uid,
-                                                        col(QuarantineItem.released_at).is_(None))).first()
-    # A series' trial, once: the trial of the study's visit (what QC, deviations and reports
-    # join through), else the trial the object named (a phantom has no visit).
-    visit_trial = (session.exec(select(Subject.trial_id).join(Visit, Visit.subject_id == Subject.id)
-                                .where(Visit.id == study.visit_id)).first() if study.visit_id else None)
-    series = Series(series_uid=facts.series_uid, study_id=study.id, site_id=site.id,
-                    trial_id=visit_trial or (trial.id if trial else None),
-                    scanner_id=scanner.id if scanner else None, modality=facts.modality,
-                    kind="phantom" if phantom else ("trial" if trial else "unknown"),
-                    description=facts.series_description, state="quarantined" if held else "receiving")
-    session.add(series)
-    session.flush()
-    return series
-
-
-# --- quarantine --------------------------------------------------------------------------------------
-
-def _quarantine(session: Session, settings: Settings, data: bytes, rej: Rejected, *, label: str,
-                site: Site | None, series_uid: str | None, keep: bool) -> Outcome:
-    """Hold the object (or the prefix ``rej.held``) with its reason; mark its series if it is the sender's."""
-    series = session.exec(select(Series).where(Series.series_uid == series_uid)).first() if series_uid else None
-    if series is not None and (site is None or series.site_id not in (None, site.id)):
-        series = None  # another site's series (uid_conflict): an intruder neither holds it nor completes it
-    if series is not None:
-        move(session, series, state="quarantined", actor="ingest", reason=rej.code)
-        series.last_received_at = utcnow()  # the receiver's stability clock counts quarantined objects
-    shown_uid = series.series_uid if series is not None else None
-    if not keep:
-        return Outcome(label, "quarantined", shown_uid, rej.code, str(rej))
-    held = data if rej.held is None else rej.held
-    digest = sha256_bytes(held) if held else ""
-    if digest:
-        same = session.exec(select(QuarantineItem).where(QuarantineItem.sha256 == digest,
-                                                         col(QuarantineItem.released_at).is_(None))).first()
-        if same is not None:  # the same bytes are already held: sending them again changes nothing
-            why = same.reason.split(": ", 1)[-1]
-            return Outcome(label, "quarantined", shown_uid, same.reason_code,
-                           f"{label}: already held in quarantine (item {same.id}): {why}")
-    path = None
-    if held:
-        suffix = ".head" if rej.held is not None else ".dcm"
-        path = safe_join(settings.data_dir, "quarantine", utcnow().strftime("%Y-%m-%d"),
-                         f"{digest[:16]}-{uuid.uuid4().hex[:8]}{suffix}")
-    session.add(QuarantineItem(site_id=site.id if site else None, source_name=label,
-                               path=str(path.relative_to(settings.data_dir)) if path else "",
-                               series_uid=series_uid, sha256=digest, reason_code=rej.code, reason=str(rej)))
-    session.flush()
-    if path is not None:
-        _write_tracked(session, path, held)
-    return Outcome(label, "quarantined", shown_uid, rej.code, str(rej))
 
 
 # --- one object --------------------------------------------------------------------------------------
@@ -291,7 +70,7 @@ def _checked(session: Session, settings: Settings, data: bytes, label: str, site
 
 def _checked_values(session: Session, ds, label: str, site: Site):
     facts = extract_facts(ds, label)
-    trial = _trial_for(session, facts.protocol_id)
+    trial = trial_for(session, facts.protocol_id)
     with step("de-identification check", label):
         phantom = is_phantom(ds)
         policy = DeidPolicy.from_dict(trial.deid_policy if trial else None,
@@ -303,8 +82,8 @@ def _checked_values(session: Session, ds, label: str, site: Site):
                                       "through the trial's de-identification profile and send it again")
     with step("slice position", label):
         position = finite(slice_position_mm(ds))
-    _check_owner(session, facts, site, label)
-    _check_instance(session, facts, label)
+    check_owner(session, facts, site, label)
+    check_instance(session, facts, label)
     return facts, trial, phantom, position
 
 
@@ -327,6 +106,13 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
     keep_rejected : bool
         False (a release from quarantine) reports a rejection without holding the object again.
 
+    Returns
+    -------
+    Outcome
+        ``stored`` (a new SOP instance), ``duplicate`` (the bytes, or the dataset file meta aside,
+        of a version held: nothing stored), ``new_version`` (other data under a held SOP Instance
+        UID: stored beside it, flagged for review) or ``quarantined``.
+
     Raises only for resource failures (``OSError`` writing the data directory, SQLAlchemy errors).
     """
     digest = sha256_bytes(data)
@@ -337,17 +123,21 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
                                            "`corelab site add SITE --ae-title AET`, then release the object")
         facts, trial, phantom, position = _checked(session, settings, data, label, site)
     except Rejected as rej:
-        return _quarantine(session, settings, data, rej, label=label, site=site, series_uid=rej.series_uid,
-                           keep=keep_rejected)
-    series = _series_for(session, facts, site, trial, phantom)
+        return hold(session, settings, data, rej, label=label, site=site, series_uid=rej.series_uid,
+                    keep=keep_rejected)
+    series = series_for(session, facts, site, trial, phantom)
     series.last_received_at = utcnow()  # stability clock of the receiver
     existing = session.exec(select(Instance).where(Instance.sop_instance_uid == facts.sop_instance_uid)
                             .order_by(col(Instance.version).desc())).all()
-    if any(inst.sha256 == digest for inst in existing):
+    folder = series_dir(settings, series, session)
+    # The same bytes, or (only then read from the spool) the same dataset under other file meta.
+    if any(inst.sha256 == digest for inst in existing) or \
+            (existing and held_copy(data, [settings.data_dir / inst.path for inst in existing]) is not None):
+        _keep_fill_sheet(session, settings, series, fill_sheet)
         return Outcome(label, "duplicate", series.series_uid)
     version = existing[0].version + 1 if existing else 1
     name = facts.sop_instance_uid + (f".v{version}" if version > 1 else "") + ".dcm"
-    path = safe_join(series_dir(settings, series, session), name)
+    path = safe_join(folder, name)
     # The row first: its unique (SOP Instance UID, version) makes a concurrent writer of the same
     # path wait or fail before either touches the file; the file is written before the commit.
     session.add(Instance(series_id=series.id, sop_instance_uid=facts.sop_instance_uid,
@@ -355,14 +145,11 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
                          path=str(path.relative_to(settings.data_dir)), sha256=digest, size_bytes=len(data),
                          slice_position_mm=position, needs_review=version > 1))
     session.flush()
-    _write_tracked(session, path, data)
-    if fill_sheet is not None:
-        series.kind = "phantom"
-        fill_path = path.with_name("fill.yaml")
-        if not fill_path.exists():
-            _write_tracked(session, fill_path, fill_sheet)
-    # In SQL, not in Python: concurrent receivers add to the same series without losing counts.
-    series.instance_count = Series.instance_count + 1
+    write_tracked(session, path, data)
+    _keep_fill_sheet(session, settings, series, fill_sheet)
+    if version == 1:  # a count of SOP instances: a new version replaces one, it adds none
+        # In SQL, not in Python: concurrent receivers add to the same series without losing counts.
+        series.instance_count = Series.instance_count + 1
     if series.state == "complete":  # a late instance reopens a completed series
         move(session, series, state="receiving", actor="ingest", reason="an object arrived after completion",
              detail={"sop_instance_uid": facts.sop_instance_uid, "version": version})
@@ -371,13 +158,54 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
     return Outcome(label, "new_version" if version > 1 else "stored", series.series_uid)
 
 
+def _keep_fill_sheet(session: Session, settings: Settings, series: Series, fill_sheet: bytes | None) -> None:
+    """Give the series the fill sheet dropped with its object, as ``corelab phantom fill`` would.
+
+    Also for a duplicate: a series received over DICOM (no fill sheet) and dropped again with
+    its fill sheet gets the sheet, though none of its objects is stored again. Through the same
+    core (:func:`corelab.fill_sheets.attach`: checked, audited as ``ingest``, a failed series
+    re-queued), as a site's: it never replaces a sheet the series has. The sheet makes a series
+    of no trial a phantom; a trial series (it has a visit) keeps its kind and the sheet is not
+    kept. A sheet not kept is audited once per drop (``phantom.fill_sheet_ignored``, with why).
+    """
+    if fill_sheet is None:
+        return
+    if series.kind == "unknown" and session.get(Study, series.study_id).visit_id is None:
+        series.kind = "phantom"
+    try:
+        # queued_ok: a series the node received and queued, but whose run has not started, takes
+        # the sheet its re-drop brings (the run reads it when it starts)
+        attach(session, settings, series, fill_sheet, actor="ingest", replace=False, queued_ok=True)
+    except FillSheetRefused as exc:
+        if isinstance(exc, ReplaceRefused) and \
+                (series_dir(settings, series, session) / FILL_SHEET).read_bytes() == fill_sheet:
+            return  # the sheet it has: no news (every object of a drop comes with it)
+        said = session.info.setdefault("corelab.ingest.fill_ignored", set())
+        key = (series.id, sha256_bytes(fill_sheet))
+        if key not in said:  # once per sheet and series, not per object
+            said.add(key)
+            audit.append(session, actor="ingest", action="phantom.fill_sheet_ignored", entity="series",
+                         entity_id=series.series_uid, detail={"sha256": key[1], "why": str(exc)[:500]})
+
+
 def complete_series(session: Session, series: Series, *, actor: str = "ingest") -> None:
     """Mark a series complete and fix its checksum over the instances it holds (a quarantined
-    series keeps its state, with the checksum and completeness of what it holds)."""
-    digests = sorted(session.exec(select(Instance.sha256).where(Instance.series_id == series.id)).all())
-    series.checksum = sha256_bytes("\n".join(digests).encode())
+    series keeps its state, with the checksum and completeness of what it holds).
+
+    Everything is of the newest version of each SOP instance, as every reader reads it
+    (:func:`corelab.series_files.series_files`): the checksum (so it is the checksum of the
+    files the phantom analysis reads), the completeness, and ``instance_count``, counted again
+    here so that a count left too high (by versions counted as instances before issue 16) is
+    put right at the next completion.
+    """
     # Newest version per SOP instance: a resent, corrected slice is not a repeated position.
     newest = newest_instance_rows(session, series)
+    series.checksum = sha256_bytes("\n".join(sorted(inst.sha256 for inst in newest)).encode())
+    # In SQL, so the count is of what the database holds when the row is written (as the
+    # receivers' increments are).
+    series.instance_count = (select(func.count(distinct(Instance.sop_instance_uid)))
+                             .where(Instance.series_id == series.id).scalar_subquery())
+    session.flush()  # and read back as a number by whoever reads the series next
     series.completeness = assess([inst.slice_position_mm for inst in newest], instance_count=len(newest),
                                  expected_count=series.expected_count)
     if series.state != "quarantined":
@@ -400,7 +228,7 @@ def ingest_path(session: Session, settings: Settings, path: Path, *, site_code: 
     summary = IngestSummary()
     for obj in iter_drop(Path(path), Limits.from_settings(settings)):
         if obj.rejected is not None:
-            outcome = _quarantine(session, settings, b"", obj.rejected, label=obj.label, site=site,
+            outcome = hold(session, settings, b"", obj.rejected, label=obj.label, site=site,
                                   series_uid=None, keep=True)
         else:
             outcome = accept_object(session, settings, obj.data, site=site, ordinal=obj.ordinal,

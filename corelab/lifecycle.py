@@ -21,6 +21,8 @@ QC (``qc_state``)::
     queued  -> pending               a start that could not be handed over is put back
     done | failed -> queued | running | done | failed   QC again: a new manual version, a fill
                                      sheet or sphere centres given, a series re-sent
+    done | failed -> pending         QC again, started like a new arrival (the node's ticker, or
+                                     whoever claims it): a phantom's fill sheet given
 
 A re-check of a series already ``done`` or ``failed`` (the nightly re-validation, a second
 demo) does not pass through ``running``: :func:`start_running` leaves it where it is, and its
@@ -52,8 +54,8 @@ QC_TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"queued", "running", "done", "failed"}),
     "queued": frozenset({"running", "done", "failed", "pending"}),
     "running": frozenset({"done", "failed"}),
-    "done": frozenset({"queued", "running", "done", "failed"}),
-    "failed": frozenset({"queued", "running", "done", "failed"}),
+    "done": frozenset({"pending", "queued", "running", "done", "failed"}),
+    "failed": frozenset({"pending", "queued", "running", "done", "failed"}),
 }
 
 assert set(STATE_TRANSITIONS) == set(SERIES_STATES) and set(QC_TRANSITIONS) == set(QC_STATES)

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.alerts import HOOKS
 from flows.runners import task_runner
-from tasks.phantoms import accredit_phantom, coming_expiries, find_phantom_series
+from tasks.phantoms import accredit_phantom, coming_expiries, find_phantom_series, with_scanner_codes
 
 _METRIC_NAMES = {"rc_mean": "RCmean (A50)", "rc_max": "RCmax", "rc_peak": "RCpeak (1 mL)"}
 
@@ -23,22 +23,61 @@ def accredit_scanners(scope: str, standard: str = "EARL1", series: list[tuple] |
     """Analyse received phantom series (all pending ones by default) and update the register.
 
     ``series`` items are ``(series id, series UID)`` or ``(series id, series UID, scanner code)``.
+    The default selection (:func:`tasks.phantoms.find_phantom_series`) leaves out a series that
+    failed for want of its fill sheet and still has none: the run that found it so failed and
+    alerted once, the worklist shows it, and its sheet puts it back; ``series`` still takes it.
+    The run ends Failed (:class:`AccreditationIncomplete`, raised after the artifacts are written)
+    when any series could not be analysed (no fill sheet, unreadable, an analysis error); a
+    withheld verdict (localisation uncertain) is an outcome, not a failure.
     Leaves two artifacts: the results with their RC tables against the standard's bands and,
     per NEMA IEC phantom, the sphere-assignment figure (the axial plane with each sphere's name at
     its fitted centre; a withheld verdict says why) (``accreditation-<scope>``), and the
     accreditations expiring within ``warn_days`` (``accreditation-expiries``).
     """
     todo = series if series is not None else find_phantom_series()
-    futures = [accredit_phantom.submit(item[0], item[1], standard, scope, item[2] if len(item) > 2 else "")
-               for item in todo]
-    results = [f.result() for f in futures]
+    if any(len(item) < 3 or not item[2] for item in todo):
+        todo = with_scanner_codes(todo, len(todo))
+    futures = [accredit_phantom.submit(sid, uid, standard, scope, code) for sid, uid, code in todo]
+    results = [_outcome(f, item) for f, item in zip(futures, todo)]
     if results:
         create_markdown_artifact(key=f"accreditation-{scope.lower()}", markdown=_markdown(results, standard),
                                  description=f"Phantom results and verdicts ({standard})")
     expiring = coming_expiries(warn_days)
     create_markdown_artifact(key="accreditation-expiries", markdown=_expiries_markdown(expiring, warn_days),
                              description=f"Accreditations expiring within {warn_days} days")
+    not_done = [r for r in results if r.get("verdict") == "error"]
+    if not_done:
+        # After the artifacts: the run ends Failed, so the failure hooks record the alert and the
+        # run list shows that the job was not done. A withheld verdict is an answer, not a failure.
+        raise AccreditationIncomplete(results, not_done)
     return results
+
+
+class AccreditationIncomplete(RuntimeError):
+    """Some phantom series of an ``accredit-scanners`` run could not be analysed.
+
+    The message names each series (UID tail and scanner) with its error and the fix; ``results``
+    holds every series' result of the run (the analysed ones included), as the flow would return.
+    """
+
+    def __init__(self, results: list[dict], not_done: list[dict]):
+        self.results = results
+        self.not_done = not_done
+        lines = "; ".join(f"{r['series_uid'][-12:]} ({r.get('scanner') or 'unknown scanner'}): {r.get('error', '')}"
+                          for r in not_done)
+        super().__init__(f"{len(not_done)} of {len(results)} phantom series could not be analysed: {lines}")
+
+
+def _outcome(future, item: tuple) -> dict:
+    """The task's result, or an error row when it raised even after its retry (the run goes on to
+    its artifacts and then fails, naming the series)."""
+    value = future.result(raise_on_failure=False)
+    if not isinstance(value, BaseException):
+        return value
+    sid, uid, code = item
+    return {"series_uid": uid, "scanner": code, "verdict": "error",
+            "error": f"the analysis failed ({type(value).__name__}: {str(value)[:300]}); the task run's log has "
+                     "the traceback; fix the cause and run accredit-scanners again"}
 
 
 def _fmt(value, spec: str = ".3f") -> str:

@@ -15,6 +15,7 @@ flow; the others call the use cases directly.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flows import cli_admin, cli_archive, cli_node, cli_phantom, cli_reports, cli_series, cli_users
@@ -55,10 +56,23 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from expectations.manual import ManualError
     from phantoms.localise import PhantomLocalisationError
     from phantoms.fill import FillSheetError
+    from services.lookup import LookupInputError
 
     return ((SettingsError, RegisterError, ManualError, FillSheetError, StandardError, DicomVolumeError,
-            PhantomLocalisationError, FileNotFoundError, CentresFileError) + cli_reports.user_errors()
+            PhantomLocalisationError, FileNotFoundError, CentresFileError, LookupInputError) + cli_reports.user_errors()
             + cli_users.user_errors() + cli_archive.user_errors())
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is not a file (embedded use):
+        return False  # then the broken pipe is not stdout's: the error is re-raised, never hidden
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,11 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     from corelab.db import open_store
 
     try:
-        open_store(settings())
-        return args.func(args)
+        try:
+            open_store(settings())
+            return args.func(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
     except _user_errors() as exc:
         print(f"corelab {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # a socket of the command's own (SMTP, an archive): a real failure, not a closed pipe
+        # The reader went away (`corelab series list | head -1`): what it wanted it has. Point stdout at
+        # devnull so the interpreter's own flush at exit cannot raise again, and end as a process
+        # killed by SIGPIPE would (128 + 13), without a traceback (the Python docs' recipe, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

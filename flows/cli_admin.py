@@ -35,8 +35,20 @@ def cmd_audit_verify(args) -> int:
 def cmd_synth(args) -> int:
     from flows.demo_data import synthesize_trial
 
-    print_result(args, synthesize_trial(Path(args.outdir), seed=args.seed, spec_path=args.spec))
+    print_result(args, synthesize_trial(Path(args.outdir), seed=args.seed, spec_path=args.spec,
+                                        first_scan_date=args.date))
     return 0
+
+
+def _iso_date(text: str) -> str:
+    """An argparse type: ``YYYY-MM-DD``, checked here so a typo is a usage error, not a traceback."""
+    import argparse
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; use YYYY-MM-DD") from None
 
 
 def cmd_demo(args) -> int:
@@ -54,9 +66,14 @@ def add_commands(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trial (default 0)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("synth", parents=[common], help="write a synthetic multi-site trial with ground truth")
+    p = sub.add_parser("synth", parents=[common], help="write a synthetic multi-site trial with ground truth; "
+                       "the same seed and the same --date give the same bytes")
     p.add_argument("outdir", help="folder to write into")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed and date, same files)")
+    p.add_argument("--date", type=_iso_date, metavar="YYYY-MM-DD",
+                   help="first trial scan date (default: the spec's own first_scan_date if it names one, else "
+                        "21 days ago as in the demo, so the phantoms, scanned before it, are accredited today); "
+                        "give it to reproduce a trial generated on another day")
     p.add_argument("--spec", help="trial spec YAML (default: the demo trial)")
     p.set_defaults(func=cmd_synth)
 

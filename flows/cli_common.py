@@ -29,6 +29,23 @@ def print_result(args, data, table_rows=None, columns=None) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def short_uid(uid: str | None, *, keep: int = 14) -> str:
+    """A UID cut to its tail for a table (the tail is what differs between series of one
+    study); ``--json`` prints it whole for commands that take it."""
+    if not uid:
+        return ""
+    return uid if len(uid) <= keep + 3 else "..." + uid[-keep:]
+
+
+def utc_text(value) -> str:
+    """An aware datetime as ``YYYY-MM-DD HH:MM:SSZ`` (UTC) for a table; other values as they are."""
+    from datetime import datetime, timezone
+
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return "" if value is None else str(value)
+
+
 def cli_actor() -> str:
     """Who a command acts as in the audit log: ``cli:<login name>``."""
     import getpass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flows.cli_common import print_result, session
+from flows.cli_common import cli_actor, prepare_prefect_env, print_result, session, settings
 from services import lookup
 
 
@@ -50,6 +50,61 @@ def cmd_phantom_analyze(args) -> int:
                                            rc_peak=args.rc_peak)
     print_result(args, result)
     return 0 if result.get("verdict") == "pass" else 1
+
+
+def _read_limited(path: Path) -> bytes:
+    """The file's bytes, at most one byte over the fill sheet limit (the use case says it is too large)."""
+    from corelab.limits import MAX_FILL_SHEET_BYTES
+
+    with open(path, "rb") as fh:
+        return fh.read(MAX_FILL_SHEET_BYTES + 1)
+
+
+def cmd_phantom_fill(args) -> int:
+    """Attach a fill sheet to a received phantom series, re-queue it and start its accreditation per --qc.
+
+    The core lab's command: it may replace a sheet the series has (a site, in the portal, may not).
+    Only a series this command claims itself is started (:func:`services.phantoms.hand_over`)."""
+    from phantoms.fill import FillSheetError
+    from services import phantoms
+
+    config = settings()
+    data = _read_limited(Path(args.file))
+    try:
+        with session(config) as s:
+            result = phantoms.attach_fill_sheet(s, config, phantoms.series_id_of(s, args.series_uid), data,
+                                                actor=cli_actor())
+    except (FillSheetError, phantoms.FillSheetRefused) as exc:
+        print(f"corelab phantom fill: {exc}; nothing was changed", file=sys.stderr)
+        return 2
+    on_complete = None
+    if args.qc != "queue":
+        prepare_prefect_env(config)
+        from flows.receive import QcStarter
+
+        on_complete = QcStarter(config, mode=args.qc)
+    handed = phantoms.hand_over(config, result, on_complete)
+    if on_complete is not None:
+        on_complete.join()
+    with session(config) as s:
+        state = phantoms.accreditation_state(s, result["series_id"])
+    out = {"series_uid": result["series_uid"], "fill_sheet": result["kind"], "sha256": result["sha256"],
+           "replaced": result["replaced"] or "(none)", "qc_state": state["qc_state"],
+           "verdict": state["verdict"] or "(not analysed yet)"}
+    if args.qc == "deployment" and handed:
+        out["next"] = "handed to the accredit-scanners deployment: its run in the Prefect UI gives the verdict"
+    elif args.qc == "queue" or not handed:
+        out["next"] = {"pending": "the DICOM node (corelab serve/receive) starts its accreditation within seconds; "
+                                  "without a node, the next accredit-scanners run analyses it (or run this command "
+                                  "again with --qc flow)",
+                       "queued": "claimed by another starter (the DICOM node's ticker): its accreditation runs "
+                                 "there; `corelab series list` shows when it is done",
+                       "running": "being analysed by another run: `corelab series list` shows when it is done"}.get(
+                           state["qc_state"], "accreditation starts when the series is complete")
+    print_result(args, out)
+    if args.qc == "flow" and handed:
+        return 0 if state["qc_state"] == "done" else 1
+    return 0
 
 
 def _normalised(e: dict) -> str:
@@ -115,3 +170,15 @@ def add_commands(sub, common) -> None:
     q.add_argument("--rc-peak", choices=["max_voxel", "max_mean"], default="max_voxel",
                    help="RCpeak 1 mL sphere: centred on the hottest voxel (default) or where its mean is highest")
     q.set_defaults(func=cmd_phantom_analyze)
+    q = ssub.add_parser("fill", parents=[common],
+                        help="attach the fill sheet to a received phantom series (one sent over DICOM has none) "
+                             "and re-queue its accreditation")
+    q.add_argument("series_uid", metavar="SERIES_UID", help="the phantom series (`corelab series list`)")
+    q.add_argument("file", metavar="FILE", help="its fill sheet (YAML, see the README)")
+    q.add_argument("--qc", choices=["flow", "deployment", "queue"], default="queue",
+                   help="how to start its accreditation: flow (run accredit-scanners now, in this process; exit 1 "
+                        "when it could not be analysed), deployment (hand it to the prefect.yaml deployment), queue "
+                        "(leave it pending: the DICOM node's ticker or the next accredit-scanners run starts it); "
+                        "default queue. A series whose accreditation is queued or running is refused: wait for it "
+                        "to end, then give the sheet")
+    q.set_defaults(func=cmd_phantom_fill)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flows.cli_common import cli_actor, prepare_prefect_env, print_result, session, settings
+from flows.cli_common import (cli_actor, prepare_prefect_env, print_result, session, settings, short_uid,
+                              utc_text)
 from services import intake, lookup, review
 
 
@@ -67,11 +68,17 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+SERIES_COLUMNS = ["site", "subject", "visit", "modality", "kind", "instances", "expected", "state", "qc_state",
+                  "received", "series_uid"]
+QUARANTINE_COLUMNS = ["site", "subject", "visit", "series", "objects", "reasons", "newest"]
+
+
 def cmd_series_list(args) -> int:
+    since = lookup.parse_since(args.since, today=args.today)
     with session() as s:
-        rows = lookup.series_rows(s)
-    print_result(args, rows, rows, ["series_uid", "site", "kind", "modality", "instances", "expected", "state",
-                                    "qc_state", "completeness"])
+        rows = lookup.series_list(s, since=since, site_code=args.site, trial_code=args.trial)
+    table = [{**r, "received": utc_text(r["received"]), "series_uid": short_uid(r["series_uid"])} for r in rows]
+    print_result(args, rows, table, SERIES_COLUMNS)
     return 0
 
 
@@ -88,8 +95,14 @@ def cmd_series_accept_versions(args) -> int:
 
 def cmd_quarantine_list(args) -> int:
     with session() as s:
-        rows = lookup.quarantine_rows(s, include_released=args.all)
-    print_result(args, rows, rows, ["id", "site", "source", "reason_code", "received_at", "reason"])
+        if args.objects:
+            rows = lookup.quarantine_rows(s, include_released=args.all)
+            print_result(args, rows, rows, ["id", "site", "source", "reason_code", "received_at", "reason"])
+            return 0
+        rows = lookup.quarantine_groups(s, include_released=args.all)
+    table = [{**r, "series": short_uid(r["series_uid"]) or "no series", "reasons": ",".join(r["reason_codes"]),
+              "newest": utc_text(r["newest"])} for r in rows]
+    print_result(args, rows, table, QUARANTINE_COLUMNS)
     return 0
 
 
@@ -108,8 +121,8 @@ def cmd_quarantine_release(args) -> int:
 def cmd_deviations(args) -> int:
     with session() as s:
         rows = lookup.deviation_rows(s, trial_code=args.trial, site_code=args.site)
-    print_result(args, rows, rows, ["site", "subject", "visit", "rule_id", "severity", "expected", "observed",
-                                    "status"])
+    print_result(args, rows, rows, ["id", "site", "subject", "visit", "rule_id", "severity", "expected",
+                                    "observed", "status"])
     return 0
 
 
@@ -143,7 +156,16 @@ def add_commands(sub, common) -> None:
 
     p = sub.add_parser("series", help="received series")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = ssub.add_parser("list", parents=[common], help="every received series with its state and QC state")
+    q = ssub.add_parser("list", parents=[common], help="received series, newest first: site, subject, visit, "
+                        "counts, state, QC state, first arrival (UTC) and the series UID (cut in the table, "
+                        "whole with --json)")
+    when = q.add_mutually_exclusive_group()
+    when.add_argument("--since", metavar="DATE|DATETIME",
+                      help="only series first received at or after YYYY-MM-DD (00:00 UTC) or an ISO 8601 "
+                           "date-time (no offset: UTC)")
+    when.add_argument("--today", action="store_true", help="only series first received today (the UTC day)")
+    q.add_argument("--site", help="only this site's series (site code)")
+    q.add_argument("--trial", help="only this trial's series (trial code)")
     q.set_defaults(func=cmd_series_list)
     q = ssub.add_parser("accept-versions", parents=[common],
                         help="the core lab has reviewed a series' new versions of instances: clear their flag "
@@ -153,8 +175,11 @@ def add_commands(sub, common) -> None:
 
     p = sub.add_parser("quarantine", help="objects held back, with their reasons")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = ssub.add_parser("list", parents=[common], help="list quarantined objects")
+    q = ssub.add_parser("list", parents=[common], help="held-back objects, one row per site and series "
+                        "(subject and visit when the series is known): count, reason codes, newest arrival")
     q.add_argument("--all", action="store_true", help="include released items")
+    q.add_argument("--objects", action="store_true",
+                   help="one row per object, with the id that `quarantine release` takes")
     q.set_defaults(func=cmd_quarantine_list)
     q = ssub.add_parser("release", parents=[common], help="check a quarantined object again and store it if it passes")
     q.add_argument("id", type=int)

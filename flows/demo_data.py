@@ -44,15 +44,42 @@ def synthesize_demo_trial(outdir: Path | str, seed: int, first_scan_date: str) -
             "trial": register["trial_code"], "sites": [s["code"] for s in register["sites"]]}
 
 
-def synthesize_trial(outdir: Path | str, *, seed: int = 0, spec_path: Path | str | None = None) -> dict:
-    """Write a synthetic multi-site trial with its ground truth (``corelab synth``)."""
+def synthesize_trial(outdir: Path | str, *, seed: int = 0, spec_path: Path | str | None = None,
+                     first_scan_date: str | None = None) -> dict:
+    """Write a synthetic multi-site trial with its ground truth (``corelab synth``).
+
+    Parameters
+    ----------
+    first_scan_date : str, optional
+        ``YYYY-MM-DD`` of the first trial scan. Default: the spec file's ``first_scan_date`` if it
+        names one, else :func:`demo_first_scan_date` (21 days ago, as the demo: the phantoms fall
+        inside the calibration cadence and the accreditations read current, not long expired).
+        The same seed and the same date give the same bytes.
+
+    Raises
+    ------
+    ValueError
+        ``first_scan_date`` is not an ISO date (the message quotes it).
+    """
+    import yaml
+
     from synth.spec import TrialSpec
     from synth.trial import generate_trial
 
     outdir = Path(outdir)
     spec = TrialSpec.from_yaml(spec_path) if spec_path else TrialSpec.demo()
+    if first_scan_date is None and spec_path and "first_scan_date" in (yaml.safe_load(Path(spec_path).read_text())
+                                                                        or {}):
+        first_scan_date = spec.first_scan_date  # the spec file dates its own trial
+    if first_scan_date is not None:
+        try:
+            dt.date.fromisoformat(first_scan_date)
+        except ValueError:
+            raise ValueError(f"--date {first_scan_date!r} is not a date; use YYYY-MM-DD") from None
+    spec = dataclasses.replace(spec, first_scan_date=first_scan_date or demo_first_scan_date())
     truth = generate_trial(outdir, spec, seed=seed)
     return {"outdir": str(outdir.absolute()), "trial": truth.data["trial_code"], "seed": seed,
+            "first_scan_date": spec.first_scan_date,
             "series": len(truth.series), "files": sum(s["n_files"] for s in truth.series),
             "problems": sorted({p["code"] for p in truth.problems}),
             "ground_truth": str((outdir / "ground_truth.json").absolute()),

@@ -133,7 +133,12 @@ class QcStarter:
         if self.mode == "deployment":
             from prefect.deployments import run_deployment
 
-            run = run_deployment(deployment, parameters=parameters, timeout=0)
+            from tasks.qc import qc_run_name
+
+            # Named now, so the run list says what it checks while it waits for a worker.
+            name = (qc_run_name(parameters["trial_code"], parameters["series_ids"], settings=self.settings)
+                    if kind == "qc" else None)
+            run = run_deployment(deployment, parameters=parameters, flow_run_name=name, timeout=0)
             return {"kind": kind, "parameters": parameters, "flow_run_id": str(run.id)}
         if kind == "qc":
             from flows.qc import qc_trial
@@ -141,9 +146,12 @@ class QcStarter:
             result = qc_trial(**parameters)
             return {"kind": kind, "parameters": parameters,
                     "result": {k: v for k, v in result.items() if k != "findings"}}
-        from flows.accredit import accredit_scanners
+        from flows.accredit import AccreditationIncomplete, accredit_scanners
 
-        result = accredit_scanners(**parameters)
+        try:
+            result = accredit_scanners(**parameters)
+        except AccreditationIncomplete as exc:  # the run is Failed (and alerted); its results stand
+            result = exc.results
         return {"kind": kind, "parameters": parameters, "result": [r.get("verdict") for r in result]}
 
 

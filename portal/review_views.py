@@ -38,7 +38,7 @@ def _problem_page(request: Request, ctx: Ctx, status: int, message: str):
 @router.get("/worklist")
 def worklist_page(request: Request, ctx: Ctx = Depends(require("physicist"))):
     with ctx.db() as s:
-        data = work.worklist(s)
+        data = work.worklist(s, settings=ctx.settings)
     return page(request, ctx, "worklist.html", w=data)
 
 

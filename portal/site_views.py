@@ -24,7 +24,7 @@ def site_grid(code: str, request: Request, ctx: Ctx = Depends(require(*READERS))
     # A trial manager sees their trials' scans only, even at a site shared with other trials.
     trials = sorted(ctx.scope.trials or ()) if ctx.scope.role == "trial-manager" else None
     with ctx.db() as s:
-        grid = site_view.site_grid(s, code, trials=trials)
+        grid = site_view.site_grid(s, code, trials=trials, settings=ctx.settings)
     if grid is None:
         raise not_found("site")
     return page(request, ctx, "site_grid.html", grid=grid)
@@ -35,7 +35,7 @@ def series_page(series_id: int, request: Request, ctx: Ctx = Depends(require(*RE
     with ctx.db() as s:
         if not may_see(s, ctx.scope, "series", series_id):
             raise not_found("series")
-        series = site_view.series_detail(s, series_id)
+        series = site_view.series_detail(s, series_id, settings=ctx.settings)
     return page(request, ctx, "series.html", series=series)
 
 

@@ -150,10 +150,43 @@ def _latest(session: Session, kind: str, key: str) -> Report | None:
                         .order_by(col(Report.version).desc())).first()
 
 
+class _OnceFontSubsetWarning(logging.Filter):
+    """Let WeasyPrint's "Using fontTools instead of HarfBuzz-Subset" through once per process.
+
+    Without the HarfBuzz subset library (Debian ``libharfbuzz-subset0``) WeasyPrint subsets each
+    font of each PDF with fontTools and warns every time: three fonts a report, 26 lines in a demo.
+    The PDFs are right either way, so the one line that says what to install is enough; every
+    other WeasyPrint warning (a CSS rule it ignored, a font it could not load) still shows.
+    """
+
+    NEEDLE = "instead of HarfBuzz-Subset"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.NEEDLE not in str(record.msg):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg = (str(record.msg) + " (Debian: apt-get install libharfbuzz-subset0; the PDFs are right "
+                      "without it. corelab shows this once per process.)")
+        return True
+
+
+def _quiet_font_subset_warnings() -> None:
+    weasy = logging.getLogger("weasyprint")
+    if not any(isinstance(f, _OnceFontSubsetWarning) for f in weasy.filters):
+        weasy.addFilter(_OnceFontSubsetWarning())
+
+
 def html_to_pdf(html: str, pdf_path: Path) -> None:
     """Write ``html`` as a PDF with WeasyPrint (Pango does the text layout)."""
     from weasyprint import HTML
 
+    _quiet_font_subset_warnings()
     HTML(string=html, base_url=str(TEMPLATES)).write_pdf(pdf_path)
 
 

@@ -15,6 +15,9 @@ from sqlmodel import Session, col, select
 
 from corelab.models import (Deviation, PhantomResult, QuarantineItem, Query, Scanner, Series, Site, Study, Subject,
                             Trial, Visit)
+from corelab.settings import Settings
+from services.phantoms import TODO as FILL_SHEET_TODO
+from services.phantoms import awaiting_fill_sheet
 
 STATES = ("received", "qc_running", "evaluable", "deviation", "query_open", "quarantined")
 UNRESOLVED_QUERY = ("open", "answered")
@@ -104,7 +107,8 @@ def _visit_order(trial: Trial | None, first_dates: dict[str, dt.date | None]) ->
     return known + rest
 
 
-def site_grid(session: Session, site_code: str, *, trials: list[str] | None = None) -> dict | None:
+def site_grid(session: Session, site_code: str, *, trials: list[str] | None = None,
+              settings: Settings | None = None) -> dict | None:
     """A site's trial scans as subject x visit grids (one per trial), with state counts, its phantom
     series and its open quarantine count. None when there is no such site.
 
@@ -113,6 +117,9 @@ def site_grid(session: Session, site_code: str, *, trials: list[str] | None = No
     site_code : str
     trials : list of str, optional
         Only these trials' scans (a trial manager's); None: every trial.
+    settings : Settings, optional
+        Where the spool is: with it, a phantom series awaiting its fill sheet says so
+        (:func:`phantom_rows`).
 
     Returns
     -------
@@ -160,13 +167,14 @@ def site_grid(session: Session, site_code: str, *, trials: list[str] | None = No
                       "rows": [{"subject": subject, "cells": [cells.get(v, []) for v in visits]}
                                for subject, cells in sorted(t["cells"].items())]})
     return {"site": {"code": site.code, "name": site.name}, "trials": grids, "counts": counts,
-            "phantoms": phantom_rows(session, site.id),
+            "phantoms": phantom_rows(session, site.id, settings=settings),
             "quarantine_open": session.exec(select(func.count()).select_from(QuarantineItem).where(
                 QuarantineItem.site_id == site.id, col(QuarantineItem.released_at).is_(None))).one()}
 
 
-def phantom_rows(session: Session, site_id: int) -> list[dict]:
-    """A site's phantom series, newest first, with the verdict of their latest analysis ('' if none)."""
+def phantom_rows(session: Session, site_id: int, *, settings: Settings | None = None) -> list[dict]:
+    """A site's phantom series, newest first, with the verdict of their latest analysis ('not analysed'
+    if none; 'awaiting fill sheet', with ``todo``, when ``settings`` is given and the series has none)."""
     latest = (select(PhantomResult.series_id, func.max(PhantomResult.id).label("rid"))
               .group_by(PhantomResult.series_id).subquery())
     query = (select(Series, Scanner.code, PhantomResult)
@@ -175,11 +183,14 @@ def phantom_rows(session: Session, site_id: int) -> list[dict]:
              .join(PhantomResult, PhantomResult.id == latest.c.rid, isouter=True)
              .where(Series.site_id == site_id, Series.kind == "phantom")
              .order_by(col(Series.received_at).desc(), col(Series.id).desc()))
+    found = session.exec(query).all()
+    waiting = awaiting_fill_sheet(session, settings, [s.id for s, _, _ in found]) if settings is not None else set()
     return [{"id": s.id, "scanner": scanner or "", "description": s.description,
              "kind": result.kind if result else "",
              "date": (result.scan_date if result and result.scan_date else s.received_at.date()),
-             "verdict": result.verdict if result else "not analysed"}
-            for s, scanner, result in session.exec(query)]
+             "verdict": "awaiting fill sheet" if s.id in waiting else (result.verdict if result else "not analysed"),
+             "awaiting_fill_sheet": s.id in waiting, "todo": FILL_SHEET_TODO if s.id in waiting else ""}
+            for s, scanner, result in found]
 
 
 def header_values(row: dict) -> list[tuple[str, object]]:
@@ -189,8 +200,12 @@ def header_values(row: dict) -> list[tuple[str, object]]:
             if not _IDENTIFYING_KEY.search(k) and k not in _SHOWN_ELSEWHERE and v not in (None, "")]
 
 
-def series_detail(session: Session, series_id: int) -> dict | None:
-    """One series with its state, QC result (deviations) and queries; None when there is no such series."""
+def series_detail(session: Session, series_id: int, *, settings: Settings | None = None) -> dict | None:
+    """One series with its state, QC result (deviations) and queries; None when there is no such series.
+
+    With ``settings`` (where the spool is), a phantom series awaiting its fill sheet says so in
+    ``awaiting_fill_sheet`` and its note, with what to do.
+    """
     s = session.get(Series, series_id)
     if s is None:
         return None
@@ -215,6 +230,9 @@ def series_detail(session: Session, series_id: int) -> dict | None:
                                               for d in deviations))
     phantoms = session.exec(select(PhantomResult).where(PhantomResult.series_id == s.id)
                             .order_by(col(PhantomResult.id).desc())).all()
+    awaiting = settings is not None and s.id in awaiting_fill_sheet(session, settings, [s.id])
+    if awaiting:
+        note = f"awaiting fill sheet: the phantom cannot be analysed without it; {FILL_SHEET_TODO}"
     return {
         "id": s.id, "series_uid": s.series_uid, "modality": s.modality, "kind": s.kind,
         "description": s.description, "site": site or "", "scanner": scanner or "", "trial": trial or "",
@@ -222,7 +240,7 @@ def series_detail(session: Session, series_id: int) -> dict | None:
         "received_at": s.received_at, "completed_at": s.completed_at, "instances": s.instance_count,
         "expected": s.expected_count, "findings": list((s.completeness or {}).get("findings", [])),
         "series_state": s.state, "qc_state": s.qc_state, "qc_at": s.qc_at, "manual_version": s.qc_manual_version,
-        "state": state, "note": note,
+        "state": state, "note": note, "awaiting_fill_sheet": awaiting,
         "deviations": [{"id": d.id, "rule_id": d.rule_id, "manual_section": d.manual_section,
                         "manual_version": d.manual_version, "severity": d.severity, "expected": d.expected,
                         "observed": d.observed, "status": d.status, "message": d.message,

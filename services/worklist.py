@@ -16,8 +16,11 @@ from sqlmodel import Session, col, select
 from accreditation.evaluate import WITHHELD
 from corelab.models import (Deviation, PhantomResult, QuarantineItem, Query, Report, Scanner, Series, Site, Trial,
                             utcnow)
+from corelab.settings import Settings
 from services import paging
 from services.access import Scope, restrict
+from services.phantoms import TODO as FILL_SHEET_TODO
+from services.phantoms import awaiting_fill_sheet
 from services.site_view import OPEN_DEVIATION, flag_sets, series_state
 
 LIMIT = 100
@@ -30,7 +33,7 @@ def _section(rows: list[dict], total: int) -> dict:
     return {"rows": rows, "total": total, "more": max(0, total - len(rows))}
 
 
-def _arrivals(session: Session, since: datetime, limit: int) -> dict:
+def _arrivals(session: Session, since: datetime, limit: int, settings: Settings | None) -> dict:
     stmt = (select(Series.id, Series.series_uid, Series.kind, Series.modality, Series.state, Series.qc_state,
                    Series.received_at, Site.code)
             .join(Site, Series.site_id == Site.id, isouter=True).where(Series.received_at >= since))
@@ -43,6 +46,12 @@ def _arrivals(session: Session, since: datetime, limit: int) -> dict:
         for r in rows:
             r["display_state"], r["note"] = series_state(r["state"], r["qc_state"], unresolved_query=r["id"] in queried,
                                                          major_open=r["id"] in major)
+        waiting = awaiting_fill_sheet(session, settings, [r["id"] for r in rows if r["kind"] == "phantom"]) \
+            if settings is not None else set()
+        for r in rows:
+            r["awaiting_fill_sheet"] = r["id"] in waiting
+            if r["awaiting_fill_sheet"]:
+                r["note"] = "awaiting fill sheet"
     return _section(rows, paging.count(session, stmt))
 
 
@@ -88,6 +97,21 @@ def _withheld(session: Session, limit: int) -> dict:
     return _section(rows, paging.count(session, stmt))
 
 
+def _awaiting_fill(session: Session, settings: Settings, limit: int) -> dict:
+    # Phantom series not analysed to the end are few (a scanner sends two a quarter): read them
+    # all and look for their fill sheets on disk, the rule the accreditation flow applies.
+    stmt = (select(Series.id, Series.series_uid, Series.qc_state, Series.received_at, Site.code, Scanner.code)
+            .join(Site, Series.site_id == Site.id, isouter=True)
+            .join(Scanner, Series.scanner_id == Scanner.id, isouter=True)
+            .where(Series.kind == "phantom", Series.qc_state != "done"))
+    found = session.exec(stmt.order_by(col(Series.received_at).desc(), col(Series.id).desc())).all()
+    waiting = awaiting_fill_sheet(session, settings, [row[0] for row in found])
+    rows = [{"id": i, "series_uid": uid, "qc_state": qc, "received_at": at, "site": site or "",
+             "scanner": scanner or "", "action": FILL_SHEET_TODO}
+            for i, uid, qc, at, site, scanner in found if i in waiting]
+    return _section(rows[:limit], len(rows))
+
+
 def _quarantine_by_site(session: Session) -> dict:
     stmt = (select(Site.code, func.count(QuarantineItem.id), func.max(QuarantineItem.received_at))
             .select_from(QuarantineItem).join(Site, QuarantineItem.site_id == Site.id, isouter=True)
@@ -121,7 +145,8 @@ def _unsigned(session: Session, limit: int) -> dict:
     return _section(rows, paging.count(session, stmt))
 
 
-def worklist(session: Session, *, today: date | None = None, limit: int = LIMIT) -> dict:
+def worklist(session: Session, *, today: date | None = None, limit: int = LIMIT,
+             settings: Settings | None = None) -> dict:
     """What waits for a physicist: today's arrivals and every open decision.
 
     Parameters
@@ -130,17 +155,22 @@ def worklist(session: Session, *, today: date | None = None, limit: int = LIMIT)
         The UTC day whose arrivals to list (default: today).
     limit : int
         Rows per section; each section also has ``total`` and ``more`` (the rows not shown).
+    settings : Settings, optional
+        Where the spool is: with it, phantom series awaiting their fill sheet are listed
+        (``awaiting_fill``, and arrivals say so); without it that section is empty.
 
     Returns
     -------
     dict
-        ``arrivals``, ``failed_qc``, ``withheld``, ``quarantine`` (per site: count, newest),
-        ``answered`` (queries the sites answered) and ``unsigned`` (newest report versions).
+        ``arrivals``, ``failed_qc``, ``withheld``, ``awaiting_fill`` (phantom series without their
+        fill sheet, with what to do), ``quarantine`` (per site: count, newest), ``answered``
+        (queries the sites answered) and ``unsigned`` (newest report versions).
     """
     day = today or utcnow().date()
     since = datetime.combine(day, time.min, tzinfo=timezone.utc)
-    return {"today": day.isoformat(), "arrivals": _arrivals(session, since, limit),
+    return {"today": day.isoformat(), "arrivals": _arrivals(session, since, limit, settings),
             "failed_qc": _failed_qc(session, limit), "withheld": _withheld(session, limit),
+            "awaiting_fill": _awaiting_fill(session, settings, limit) if settings is not None else _section([], 0),
             "quarantine": _quarantine_by_site(session), "answered": _answered(session, limit),
             "unsigned": _unsigned(session, limit)}
 

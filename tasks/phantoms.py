@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
-from sqlmodel import select
+from sqlmodel import col, select
 
 from accreditation.evaluate import (CENTRES_FILE, WITHHELD, CentresFileError, PhantomEvaluation,
                                     evaluate_series_folder, parse_centres, record_evaluation)
@@ -28,29 +28,54 @@ from corelab.settings import load_settings
 from phantoms.localise import PhantomLocalisationError
 from phantoms.fill import FillSheetError, parse_fill_sheet
 from reports.figures import png_data_uri
+from services.phantoms import FILL_SHEET, TODO, awaiting_fill_sheet
 
 
 @task(name="find-phantom-series", task_run_name="find phantom series")
 def find_phantom_series(pending_only: bool = True) -> list[tuple[int, str, str]]:
     """Received phantom series: ``(series id, series UID, scanner code)``.
 
-    ``pending_only``: those not analysed yet, those that failed (e.g. no fill sheet), and those
-    whose newest result is withheld (waiting for centres by hand).
+    ``pending_only``: those not analysed yet, those that failed (e.g. an unreadable scan), and
+    those whose newest result is withheld (waiting for centres by hand). Left out: a series that
+    failed for want of its fill sheet and still has none (:func:`services.phantoms.awaiting_fill_sheet`):
+    the run that found it missing failed and alerted, and the worklist shows it; analysing it
+    again would only fail and alert again, every run. Its sheet puts it back to pending (and in
+    this selection); the flow's ``series`` parameter still takes it.
     """
-    with session_scope(load_settings()) as session:
+    settings = load_settings()
+    with session_scope(settings) as session:
         scanners = {s.id: s.code for s in session.exec(select(Scanner))}
         rows = session.exec(select(Series).where(Series.kind == "phantom", Series.state == "complete")).all()
         newest = {}
         for r in session.exec(select(PhantomResult).order_by(PhantomResult.id)):
             newest[r.series_id] = r.verdict
-        return [(s.id, s.series_uid, scanners.get(s.scanner_id, "unknown scanner")) for s in rows
-                if not pending_only or s.qc_state != "done" or newest.get(s.id) == WITHHELD]
+        todo = [s for s in rows if not pending_only or s.qc_state != "done" or newest.get(s.id) == WITHHELD]
+        waiting = awaiting_fill_sheet(session, settings, [s.id for s in todo if s.qc_state == "failed"]) \
+            if pending_only else set()
+        return [(s.id, s.series_uid, scanners.get(s.scanner_id, "unknown scanner")) for s in todo
+                if s.id not in waiting]
+
+
+@task(name="name-phantom-series", task_run_name="scanner codes of {n} phantom series")
+def with_scanner_codes(series: list[tuple], n: int = 0) -> list[tuple[int, str, str]]:
+    """``(series id, series UID)`` items with their scanner code added (kept when an item has one):
+    the task runs and the accreditation artifact name the scanner."""
+    with session_scope(load_settings()) as session:
+        ids = [item[0] for item in series]
+        codes = dict(session.exec(select(Series.id, Scanner.code).join(Scanner, Series.scanner_id == Scanner.id)
+                                  .where(col(Series.id).in_(ids))).all()) if ids else {}
+    return [(item[0], item[1], item[2] if len(item) > 2 and item[2] else codes.get(item[0], "unknown scanner"))
+            for item in series]
+
+
+NO_FILL_SHEET = "no fill sheet"
+"""The reason a series' QC failed when it came without its fill sheet (the audit event's reason)."""
 
 
 def _fill_error(series_uid: str, scanner: str) -> dict:
-    return {"series_uid": series_uid, "scanner": scanner, "verdict": "error",
-            "error": f"phantom series {series_uid} came without a fill sheet; send the fill sheet "
-                     "(X.fill.yaml beside the series folder X) and release the series again"}
+    return {"series_uid": series_uid, "scanner": scanner, "verdict": "error", "awaiting_fill_sheet": True,
+            "error": f"phantom series {series_uid} came without a fill sheet (sent over DICOM, or dropped without "
+                     f"X.fill.yaml beside it); {TODO}: that queues it for analysis again"}
 
 
 @task(name="analyze-phantom", task_run_name="analyse phantom of {scanner}",
@@ -65,7 +90,7 @@ def analyze_phantom(folder: str, fill_sheet: str, standard: str, input_sha256: s
     among them, so a re-run over unchanged data does not recompute the phantom, and changed
     images, fill values or centres do.
     """
-    fill = parse_fill_sheet(yaml.safe_load(fill_sheet) or {}, source=f"{folder}/fill.yaml")
+    fill = parse_fill_sheet(yaml.safe_load(fill_sheet) or {}, source=f"{folder}/{FILL_SHEET}")
     centres_mm = parse_centres(centres, source=f"{folder}/{CENTRES_FILE}") if centres.strip() else None
     return evaluate_series_folder(Path(folder), fill, standard=standard, centres_mm=centres_mm,
                                   paths=[Path(p) for p in paths] if paths is not None else None)
@@ -96,18 +121,25 @@ def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str,
     settings = load_settings()
     with session_scope(settings) as session:  # committed, so the running state shows while it is analysed
         series = session.get(Series, series_id)
+        if not scanner and series.scanner_id is not None:  # the artifact's scanner column
+            scanner = session.get(Scanner, series.scanner_id).code
         folder = series_dir(settings, series, session)
         paths = [str(p) for p in series_files(settings, session, series)]
         checksum = series.checksum or ""
-        start_running(session, [series], actor="accreditation", reason="phantom analysis started")
+        # Running also when analysed again (done or failed before): a fill sheet is refused while
+        # it runs, so no second run starts beside this one with another sheet.
+        if series.qc_state in ("done", "failed"):
+            move(session, series, qc_state="running", actor="accreditation", reason="phantom analysis started")
+        else:
+            start_running(session, [series], actor="accreditation", reason="phantom analysis started")
 
     def failed(reason: str) -> None:
         with session_scope(settings) as session:
             move(session, session.get(Series, series_id), qc_state="failed", actor="accreditation", reason=reason)
 
-    fill_path = folder / "fill.yaml"
+    fill_path = folder / FILL_SHEET
     if not fill_path.is_file():
-        failed("no fill sheet")
+        failed(NO_FILL_SHEET)
         return _fill_error(series_uid, scanner)
     centres_path = folder / CENTRES_FILE
     centres = centres_path.read_text() if centres_path.is_file() else ""
@@ -117,7 +149,8 @@ def accredit_phantom(series_id: int, series_uid: str, standard: str, scope: str,
         # input a person must fix: said in the artifact, the other phantoms of the run go on
         failed(f"{type(exc).__name__}: {exc}")
         fix = (f"correct {centres_path}" if isinstance(exc, CentresFileError) else
-               f"correct {fill_path}" if isinstance(exc, FillSheetError) else
+               f"send a corrected fill sheet (`corelab phantom fill {series_uid} FILE`)"
+               if isinstance(exc, FillSheetError) else
                f"give the sphere centres by hand in {centres_path}" if isinstance(exc, PhantomLocalisationError)
                else "ask the site to send the series again")
         return {"series_uid": series_uid, "scanner": scanner, "verdict": "error",

@@ -286,7 +286,7 @@ def test_the_sphere_plane_passes_through_the_sphere_centres(drop):
 @pytest.mark.prefect
 def test_flow_withholds_then_decides_with_centres_by_hand(settings, swapped, monkeypatch, prefect_harness):
     import tasks.phantoms
-    from flows.accredit import accredit_scanners
+    from flows.accredit import AccreditationIncomplete, accredit_scanners
 
     out, _, _, centres = swapped
     store = _store(settings, out)
@@ -310,11 +310,15 @@ def test_flow_withholds_then_decides_with_centres_by_hand(settings, swapped, mon
     (phantoms["nema_iec"][1] / CENTRES_FILE).write_text("37: [1, 2]\n")
     with session_scope(store) as session:
         session.get(Series, phantoms["nema_iec"][0]).qc_state = "pending"
-    [bad] = accredit_scanners(scope=SCOPE)
+    with pytest.raises(AccreditationIncomplete) as failed:  # the run could not do its job: not green
+        accredit_scanners(scope=SCOPE)
+    [bad] = failed.value.results
     assert bad["verdict"] == "error" and "give [x, y, z]" in bad["error"] and CENTRES_FILE in bad["error"]
     # centres off the ring: the analysis refuses them; said in the result, the run goes on
     off = {**centres, 10.0: [centres[10.0][0] + 40.0, *centres[10.0][1:]]}
     (phantoms["nema_iec"][1] / CENTRES_FILE).write_text(yaml.safe_dump({f"{d:g}": c for d, c in off.items()}))
-    [refused] = accredit_scanners(scope=SCOPE)
+    with pytest.raises(AccreditationIncomplete) as failed:
+        accredit_scanners(scope=SCOPE)
+    [refused] = failed.value.results
     assert refused["verdict"] == "error" and "do not fit the IEC sphere ring" in refused["error"]
     assert f"give the sphere centres by hand in {phantoms['nema_iec'][1] / CENTRES_FILE}" in refused["error"]

@@ -76,7 +76,7 @@ def test_ingest_series_quarantine_and_audit(cli, tmp_path):
     assert summary["objects"] == n_files + 1 and summary["quarantined"] >= 1
     series, _ = cli("series", "list", "--json")
     assert {s["series_uid"] for s in series} == {s["series_uid"] for s in truth.series if s["site"] == "C03"}
-    held, _ = cli("quarantine", "list", "--json")
+    held, _ = cli("quarantine", "list", "--objects", "--json")
     assert any(h["reason_code"] == "not_dicom" and h["source"].startswith("object #")
                and "junk.txt" not in json.dumps(h) for h in held)
     # Releasing it again checks it again: still not DICOM, so it stays, and the try is audited

@@ -213,7 +213,10 @@ def test_login_answers_quickly_while_a_slow_stow_streams_and_stale_staging_is_cl
         stop.set()
         server.should_exit = True
         thread.join(10)
-    assert len(latencies) > 10 and max(latencies) < 0.5, f"slowest /login {max(latencies):.2f} s"
+    # With the clean-up and the part writes on the event loop, the slowest /login took 1.59 s on a quiet
+    # machine (more under load); off the loop it is tens of ms quiet, 0.95 s once with other servers
+    # and flows loading both cores. The bound sits between the two.
+    assert len(latencies) > 10 and max(latencies) < 1.25, f"slowest /login {max(latencies):.2f} s"
     assert not any(fresh.settings.stow_staging_dir.iterdir())
 
 

@@ -155,7 +155,7 @@ def test_mutated_input_is_quarantined_with_specific_reasons_and_nothing_identify
     assert len(net) == 40 and {i.reason_code for i in net} == {"deid_failed"}
 
     # Grep everything corelab produced: the store, its WAL, the logs, the CLI's JSON.
-    assert cli_main(["quarantine", "list", "--json"]) == 0
+    assert cli_main(["quarantine", "list", "--objects", "--json"]) == 0
     assert cli_main(["series", "list", "--json"]) == 0
     out = capsys.readouterr().out
     quarantine, end = json.JSONDecoder().raw_decode(out)
