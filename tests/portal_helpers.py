@@ -12,10 +12,13 @@ Users (password ``PASSWORD`` for all):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
+import dataclasses
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +147,20 @@ def post_form(client: TestClient, page_url: str, action: str, data: dict):
     """POST ``data`` to ``action`` with the CSRF token read from ``page_url``."""
     token = csrf_of(client.get(page_url).text)
     return client.post(action, data={**data, "csrf_token": token})
+
+
+@contextlib.contextmanager
+def served_portal(settings: Settings) -> Iterator[str]:
+    """The portal over ``settings``' store, served by uvicorn in a thread on a free loopback port,
+    for real HTTP clients (dicomweb-client, httpx, a browser): yields its base URL."""
+    from portal.serve import start_portal_thread
+    from synth.net import free_port, wait_port
+
+    settings = dataclasses.replace(settings, portal_port=free_port())
+    server, thread = start_portal_thread(settings)
+    try:
+        wait_port(settings.portal_port, 30)
+        yield f"http://127.0.0.1:{settings.portal_port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

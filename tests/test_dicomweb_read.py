@@ -22,11 +22,8 @@ from corelab.db import get_engine, session_scope
 from corelab.models import AuditEvent, Instance, QuarantineItem, Series, Site, Study, Subject, Visit
 from corelab.receiver_store import Store
 from corelab.series_files import newest_instance_rows
-from corelab.settings import load_settings
-from portal.serve import start_portal_thread
 from corelab.accounts import create_token
-from synth.net import free_port, wait_port
-from tests.portal_helpers import build_portal_lab, planted_identifiers
+from tests.portal_helpers import build_portal_lab, planted_identifiers, served_portal
 
 ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -74,13 +71,8 @@ def changes(lab):
 
 @pytest.fixture(scope="module")
 def server(lab, changes):
-    port = free_port()
-    settings = load_settings({"CORELAB_DATA_DIR": str(lab.settings.data_dir), "CORELAB_PORTAL_PORT": str(port)})
-    srv, thread = start_portal_thread(settings)
-    wait_port(port)
-    yield f"http://127.0.0.1:{port}/dicomweb"
-    srv.should_exit = True
-    thread.join(10)
+    with served_portal(lab.settings) as url:
+        yield url + "/dicomweb"
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,11 @@ from corelab.db import get_engine, open_store, session_scope
 from corelab.models import Instance, Series, Site, Study
 from corelab.receiver_store import Store
 from corelab.register import add_site, add_trial
-from corelab.settings import load_settings
-from portal.serve import start_portal_thread
 from services import dicomweb_query as dq
 from services.dicomweb_match import parse_query
 from services.access import Scope
-from synth.net import free_port, wait_port
 from tests import hostile_objects as hostile
-from tests.portal_helpers import build_portal_lab
+from tests.portal_helpers import build_portal_lab, served_portal
 
 STUDY_KEYS = ("PatientName", "PatientID", "StudyID", "StudyTime", "AccessionNumber", "ReferringPhysicianName")
 TAGS = {"PatientName": "00100010", "StudyID": "00200010", "StudyTime": "00080030", "AccessionNumber": "00080050",
@@ -41,13 +38,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(lab):
-    port = free_port()
-    settings = load_settings({"CORELAB_DATA_DIR": str(lab.settings.data_dir), "CORELAB_PORTAL_PORT": str(port)})
-    srv, thread = start_portal_thread(settings)
-    wait_port(port)
-    yield f"http://127.0.0.1:{port}/dicomweb"
-    srv.should_exit = True
-    thread.join(10)
+    with served_portal(lab.settings) as url:
+        yield url + "/dicomweb"
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,7 @@ from sqlmodel import col, select
 from corelab.accounts import create_token
 from corelab.db import session_scope
 from corelab.models import Instance, Series, Site, Study
-from corelab.settings import load_settings
-from portal.serve import start_portal_thread
-from synth.net import free_port, wait_port
-from tests.portal_helpers import build_portal_lab, planted_identifiers
+from tests.portal_helpers import build_portal_lab, planted_identifiers, served_portal
 
 ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -29,13 +26,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(lab):
-    port = free_port()
-    settings = load_settings({"CORELAB_DATA_DIR": str(lab.settings.data_dir), "CORELAB_PORTAL_PORT": str(port)})
-    srv, thread = start_portal_thread(settings)
-    wait_port(port)
-    yield f"http://127.0.0.1:{port}/dicomweb"
-    srv.should_exit = True
-    thread.join(10)
+    with served_portal(lab.settings) as url:
+        yield url + "/dicomweb"
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from corelab.series_completion import complete_stable_series, recover
 from services import accounts, stow
 from synth.net import wait_for
 from tests import hostile_objects
-from tests.portal_helpers import PASSWORD, build_portal_lab, csrf_of
+from tests.portal_helpers import PASSWORD, build_portal_lab, csrf_of, served_portal
 from tests.stow_helpers import (BOUNDARY, MULTIPART, _body, _datasets, _encode, _failed, _post, _reason_codes,
                                 _serve, _site_id, _state, _stow_events, _token, accounts_sha)
 
@@ -41,10 +41,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(lab):
-    server, thread, url = _serve(lab.settings)
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    with served_portal(lab.settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from corelab.models import ApiToken
 from corelab.series_completion import remove_stale_staging
 from corelab.settings import SettingsError, load_settings
 from services import accounts
-from tests.portal_helpers import build_portal_lab
+from tests.portal_helpers import build_portal_lab, served_portal
 from tests.stow_helpers import (BOUNDARY, MULTIPART, _body, _datasets, _encode, _failed, _post, _reason_codes,
                                 _serve, _state, _stow_events, _token, accounts_sha)
 
@@ -36,10 +36,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(lab):
-    server, thread, url = _serve(lab.settings)
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    with served_portal(lab.settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
