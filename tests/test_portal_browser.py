@@ -14,7 +14,6 @@ pictures are written to ``docs/`` (the README shows them).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import os
 import shutil
@@ -26,9 +25,7 @@ from sqlmodel import select
 
 from corelab.db import session_scope
 from corelab.models import AuditEvent, Deviation, Query, Report, Series, Site
-from portal.serve import start_portal_thread
-from synth.net import free_port, wait_port
-from tests.portal_helpers import PASSWORD, build_portal_lab, planted_identifiers
+from tests.portal_helpers import PASSWORD, build_portal_lab, planted_identifiers, served_portal
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -44,12 +41,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(lab):
-    settings = dataclasses.replace(lab.settings, portal_port=free_port())
-    server, thread = start_portal_thread(settings)
-    wait_port(settings.portal_port, 30)
-    yield f"http://127.0.0.1:{settings.portal_port}"
-    server.should_exit = True
-    thread.join(10)
+    with served_portal(lab.settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

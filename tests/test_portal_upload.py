@@ -8,7 +8,6 @@ the files, sha256 of the zip computed here), never with numbers written into the
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -26,12 +25,11 @@ from corelab.db import open_store, session_scope
 from corelab.models import AuditEvent, Instance, QuarantineItem, Series, Site, Subject
 from corelab.series_completion import complete_stable_series
 from portal.app import CSP, create_app
-from portal.serve import start_portal_thread
 from services import accounts, upload_finish, uploads
-from synth.net import free_port, wait_for, wait_port
-from tests.portal_helpers import PASSWORD, build_portal_lab, client_for, csrf_of
+from synth.net import wait_for
+from tests.portal_helpers import PASSWORD, build_portal_lab, client_for, csrf_of, served_portal
 from tests.receiver_helpers import small_series
-from tests.test_portal_browser import CHROMIUM, FLAGS, Journey
+from tests.test_portal_browser import Journey, browser  # noqa: F401  (browser: a pytest fixture)
 
 NOT_DICOM = b"These are the scanner's notes, not a DICOM object.\n" * 20
 
@@ -322,23 +320,8 @@ def test_the_upload_page_runs_its_one_script_and_says_what_to_do_without_it(lab,
 
 @pytest.fixture(scope="module")
 def base_url(lab):
-    settings = dataclasses.replace(lab.settings, portal_port=free_port())
-    server, thread = start_portal_thread(settings)
-    wait_port(settings.portal_port, 30)
-    yield f"http://127.0.0.1:{settings.portal_port}"
-    server.should_exit = True
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: .ci/system-deps installs it"
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield chromium
-        chromium.close()
+    with served_portal(lab.settings) as url:
+        yield url
 
 
 def _open_upload_page(browser, base_url: str, tmp_path: Path, lab) -> Journey:
