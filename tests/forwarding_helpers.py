@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 import pydicom
 from sqlmodel import select
 
@@ -155,3 +157,17 @@ def store_new_version(lab, inst: Instance, name: str = "v2.dcm") -> Instance:
         complete_series(s, s.get(Series, inst.series_id), actor="test")
         return s.exec(select(Instance).where(Instance.sop_instance_uid == inst.sop_instance_uid)
                       .order_by(Instance.version.desc())).first()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A fresh, narrowed lab per test (forwarding changes its records)."""
+    return narrowed_lab(tmp_path)
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A real Orthanc per test; its storage is thrown away, so no clean shutdown is waited for (~3 s)."""
+    server = start_orthanc(tmp_path)
+    yield server
+    server.stop(kill=True)

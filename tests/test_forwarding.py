@@ -19,21 +19,11 @@ from corelab.db import session_scope
 from corelab.models import ArchiveDelivery, AuditEvent
 from portal.app import create_app
 from services import forwarding
-from tests.forwarding_helpers import (assert_holds_exactly, expected, held, narrowed_lab, never_sent_elsewhere, records,
-                                      set_dicom, set_stow, sha, start_orthanc, store_new_version)
+from tests.forwarding_helpers import lab, orthanc  # noqa: F401  (pytest fixtures)
+from tests.forwarding_helpers import (assert_holds_exactly, expected, held, never_sent_elsewhere, records,
+                                      set_dicom, set_stow, sha, store_new_version)
 from tests.portal_helpers import client_for
 
-
-@pytest.fixture
-def lab(tmp_path):
-    return narrowed_lab(tmp_path)
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    server = start_orthanc(tmp_path)
-    yield server
-    server.stop(kill=True)  # its storage is thrown away: no need for Orthanc's clean shutdown (~3 s)
 
 
 

@@ -25,21 +25,11 @@ from corelab.models import AuditEvent, Instance, Series
 from portal.app import create_app
 from services import forwarding, forwarding_due, review
 from services.site_view import flag_sets, series_state
-from tests.forwarding_helpers import (assert_holds_exactly, expected, expected_per_series, held, narrowed_lab, records,
+from tests.forwarding_helpers import lab, orthanc  # noqa: F401  (pytest fixtures)
+from tests.forwarding_helpers import (assert_holds_exactly, expected, expected_per_series, held, records,
                                       set_dicom, set_stow, sha, start_orthanc, store_new_version)
 from tests.portal_helpers import client_for
 
-
-@pytest.fixture
-def lab(tmp_path):
-    return narrowed_lab(tmp_path)
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    server = start_orthanc(tmp_path)
-    yield server
-    server.stop(kill=True)
 
 
 @pytest.mark.parametrize("kind,retry", [("stow", False), ("dicom", True)])
