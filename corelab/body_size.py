@@ -42,7 +42,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from corelab.body_formulas import (_check_sex, bsa_dubois_m2, ibw_kg, lbm_james128_kg, lbm_janma_kg,
+from corelab.body_formulas import (bsa_dubois_m2, ibw_kg, lbm_james128_kg, lbm_janma_kg,
                                    lbm_morgan_kg)
 
 __all__ = [

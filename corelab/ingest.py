@@ -122,10 +122,10 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
             raise Rejected("unknown_site", f"{label}: sent by a site that is not registered; register it with "
                                            "`corelab site add SITE --ae-title AET`, then release the object")
         facts, trial, phantom, position = _checked(session, settings, data, label, site)
+        series = series_for(session, facts, site, trial, phantom, label)
     except Rejected as rej:
         return hold(session, settings, data, rej, label=label, site=site, series_uid=rej.series_uid,
                     keep=keep_rejected)
-    series = series_for(session, facts, site, trial, phantom)
     series.last_received_at = utcnow()  # stability clock of the receiver
     existing = session.exec(select(Instance).where(Instance.sop_instance_uid == facts.sop_instance_uid)
                             .order_by(col(Instance.version).desc())).all()

@@ -73,16 +73,30 @@ def _visit_for(session: Session, trial: Trial, site: Site, facts: ObjectFacts) -
     return visit
 
 
+def _uid_conflict(label: str, series_uid: str | None = None) -> Rejected:
+    rej = Rejected("uid_conflict", f"{label}: its StudyInstanceUID or SeriesInstanceUID already belongs to "
+                                    "another site's or another study's series; send it with the UIDs the "
+                                    "scanner assigned, or ask the core lab to check the series")
+    rej.series_uid = series_uid
+    return rej
+
+
+def _foreign_series(series_site: int | None, series_study_uid: str | None, facts: ObjectFacts, site: Site) -> bool:
+    return series_site not in (None, site.id) or series_study_uid != facts.study_uid
+
+
 def check_owner(session: Session, facts: ObjectFacts, site: Site, label: str) -> None:
-    """The study and series UIDs must not already belong to another site or (series) another study."""
-    study = session.exec(select(Study).where(Study.study_uid == facts.study_uid)).first()
-    series = session.exec(select(Series).where(Series.series_uid == facts.series_uid)).first()
-    other_study = series is not None and (study is None or series.study_id != study.id)
-    if (study is not None and study.site_id not in (None, site.id)) or \
-            (series is not None and series.site_id not in (None, site.id)) or other_study:
-        raise Rejected("uid_conflict", f"{label}: its StudyInstanceUID or SeriesInstanceUID already belongs to "
-                                       "another site's or another study's series; send it with the UIDs the "
-                                       "scanner assigned, or ask the core lab to check the series")
+    """The study and series UIDs must not already belong to another site or (series) another study.
+
+    The series and its study's UID are read in one statement: read apart, a rival writer of the
+    same new series (another association, another STOW-RS request) could commit between the two
+    reads, and its series would look like one of another study.
+    """
+    held = session.exec(select(Series.site_id, Study.study_uid).outerjoin(Study, col(Series.study_id) == Study.id)
+                        .where(Series.series_uid == facts.series_uid)).first()
+    study_site = session.exec(select(Study.site_id).where(Study.study_uid == facts.study_uid)).first()
+    if (held is not None and _foreign_series(held[0], held[1], facts, site)) or study_site not in (None, site.id):
+        raise _uid_conflict(label)
 
 
 def check_instance(session: Session, facts: ObjectFacts, label: str) -> None:
@@ -98,11 +112,22 @@ def check_instance(session: Session, facts: ObjectFacts, label: str) -> None:
                                        "UIDs: export it again with new UIDs, or ask the core lab to check the series")
 
 
-def series_for(session: Session, facts: ObjectFacts, site: Site, trial: Trial | None, phantom: bool) -> Series:
+def series_for(session: Session, facts: ObjectFacts, site: Site, trial: Trial | None, phantom: bool,
+               label: str) -> Series:
+    """The series the object belongs to, created (with its study, subject and visit) if new.
+
+    Raises :class:`Rejected` (``uid_conflict``) when the rows it would use belong to another site
+    or study: :func:`check_owner` ran before, but a rival may have committed them since.
+    """
     series = session.exec(select(Series).where(Series.series_uid == facts.series_uid)).first()
     if series is not None:
+        study_uid = session.exec(select(Study.study_uid).where(Study.id == series.study_id)).first()
+        if _foreign_series(series.site_id, study_uid, facts, site):
+            raise _uid_conflict(label, facts.series_uid)
         return series
     study = session.exec(select(Study).where(Study.study_uid == facts.study_uid)).first()
+    if study is not None and study.site_id not in (None, site.id):
+        raise _uid_conflict(label, facts.series_uid)
     if study is None:
         visit_id = _visit_for(session, trial, site, facts).id if trial is not None and not phantom else None
         study = Study(study_uid=facts.study_uid, site_id=site.id, visit_id=visit_id, study_date=facts.study_date,
