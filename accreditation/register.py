@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from sqlmodel import Session, col, select
 
 from corelab import audit
-from corelab.models import Accreditation, AuditEvent, PhantomResult, Scanner, Series, Site, utcnow
+from corelab.models import Accreditation, PhantomResult, Scanner, Series, Site, utcnow
 from corelab.register import REQUALIFICATION_ACTION, flag_requalification, requalification_since  # noqa: F401
 
 """Audit action that dates a scanner change."""

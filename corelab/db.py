@@ -8,8 +8,10 @@ first use and an old one is upgraded.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, create_engine
 
 from corelab import audit
@@ -25,6 +28,7 @@ from corelab.settings import Settings, load_settings
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _engines: dict[str, Engine] = {}
+_LOG = logging.getLogger("corelab.db")
 _lock = threading.Lock()
 
 
@@ -116,3 +120,25 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     """A session on the migrated store that commits on success and rolls back on error."""
     with transaction(open_store(settings)) as session:
         yield session
+
+
+# Concurrent writers racing to create the same series (IntegrityError on the unique UID) or
+# waiting out a lock: the loser retries its whole, short transaction.
+DB_ATTEMPTS = 6
+
+
+def retrying(fn: Callable[[], object], what: str):
+    """``fn()``, run again (up to :data:`DB_ATTEMPTS` times, with a short back-off) when the
+    database says it lost a race or timed out; ``fn`` is one whole transaction, rolled back when it
+    raised. Shared by the node's store, series completion and file drops."""
+    for attempt in range(DB_ATTEMPTS):
+        try:
+            return fn()
+        except (IntegrityError, DBAPIError) as exc:
+            # IntegrityError: another thread created the same series/study/subject first; its
+            # row is there now, so the retry finds it. DBAPIError: lock time-out or a dropped
+            # connection; a retry is the right answer to both.
+            if attempt == DB_ATTEMPTS - 1:
+                raise
+            _LOG.debug("%s: retry %d after %s", what, attempt + 1, type(exc).__name__)
+            time.sleep(0.005 * 2 ** attempt)

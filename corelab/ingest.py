@@ -26,6 +26,7 @@ instances, not versions.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import distinct, func
@@ -33,6 +34,7 @@ from sqlmodel import Session, col, select
 
 from corelab.completeness import assess, slice_position_mm
 from corelab import audit
+from corelab.db import retrying
 from corelab.deid import DeidPolicy, check_deidentified, is_phantom
 from corelab.fill_sheets import FILL_SHEET, FillSheetRefused, ReplaceRefused, attach
 from corelab.ingest_outcome import IngestSummary, Outcome
@@ -214,39 +216,42 @@ def complete_series(session: Session, series: Series, *, actor: str = "ingest") 
     series.completed_at = utcnow()
 
 
-# Objects of a drop committed together (see ingest_path).
-COMMIT_EVERY = 50
-
-
 def ingest_path(session: Session, settings: Settings, path: Path, *, site_code: str) -> IngestSummary:
     """Ingest a file, folder or zip dropped by a site; every series touched is completed at once.
 
-    Each object is stored or quarantined on its own (see :func:`accept_object`); one bad object
-    never stops the rest. Symbolic links are not followed, limits are checked while reading.
+    Each object is stored or quarantined on its own (see :func:`accept_object`) and committed on
+    its own, as the node commits each C-STORE: a large drop never holds the store's write lock for
+    long (SQLite has one), and a race lost to another writer of the same series (the node, an
+    upload) is retried for that object alone. One bad object never stops the rest. Symbolic links
+    are not followed, limits are checked while reading.
     """
-    site = session.exec(select(Site).where(Site.code == site_code)).first()
+    site_id = session.exec(select(Site.id).where(Site.code == site_code)).first()
     summary = IngestSummary()
     for obj in iter_drop(Path(path), Limits.from_settings(settings)):
-        if obj.rejected is not None:
-            outcome = hold(session, settings, b"", obj.rejected, label=obj.label, site=site,
-                                  series_uid=None, keep=True)
-        else:
-            outcome = accept_object(session, settings, obj.data, site=site, ordinal=obj.ordinal,
-                                    fill_sheet=obj.fill)
+        outcome = retrying(partial(_one_of_drop, session, settings, obj, site_id), f"drop object {obj.ordinal}")
         summary.outcomes.append(outcome)
         if outcome.series_uid and outcome.series_uid not in summary.series_uids:
             summary.series_uids.append(outcome.series_uid)
-        if len(summary.outcomes) % COMMIT_EVERY == 0:
-            # A large drop must not hold the store's write lock for minutes (SQLite has one lock:
-            # the DICOM node would answer "out of resources" meanwhile). Each object stands on its
-            # own, so committing what is done loses nothing; series are completed at the end (or,
-            # after a crash, by the node's stability ticker).
-            session.commit()
     for uid in summary.series_uids:
         series = session.exec(select(Series).where(Series.series_uid == uid)).first()
         if series is not None:
             complete_series(session, series)
     return summary
+
+
+def _one_of_drop(session: Session, settings: Settings, obj, site_id: int | None) -> Outcome:
+    """One object of a drop, in its own transaction (rolled back when it raised)."""
+    try:
+        site = session.get(Site, site_id) if site_id is not None else None
+        if obj.rejected is not None:
+            outcome = hold(session, settings, b"", obj.rejected, label=obj.label, site=site, series_uid=None, keep=True)
+        else:
+            outcome = accept_object(session, settings, obj.data, site=site, ordinal=obj.ordinal, fill_sheet=obj.fill)
+        session.commit()
+        return outcome
+    except BaseException:
+        session.rollback()
+        raise
 
 
 def release_quarantined(session: Session, settings: Settings, item: QuarantineItem, *,

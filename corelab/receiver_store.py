@@ -4,53 +4,28 @@ Kept apart from the pynetdicom handlers (:mod:`corelab.dicom_handlers`) so that 
 network code in it, as in pynetdicom's ``apps/qrscp``: the handlers get a :class:`Store` and a
 :class:`SiteDirectory` bound through the ``(event, handler, [args])`` tuple, and restart recovery
 (:mod:`corelab.series_completion`) uses the same :class:`Store`. Each object is accepted in one
-short transaction (:func:`retrying` on lost races and lock time-outs); ingest itself
+short transaction (:func:`corelab.db.retrying` on lost races and lock time-outs); ingest itself
 (:func:`corelab.ingest.accept_object`) decides stored, duplicate, new version or quarantined.
 """
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import select
 
-from corelab.db import transaction
+from corelab.db import retrying, transaction
 from corelab.ingest import Outcome, accept_object
 from corelab.models import Site
 from corelab.settings import Settings
 
-# The node's one logger, whichever of its modules logs (operators and tests filter on this name).
-LOG = logging.getLogger("corelab.receiver")
-
-# Concurrent writers racing to create the same series (IntegrityError on the unique UID) or
-# waiting out a lock: the loser retries its whole, short transaction.
-DB_ATTEMPTS = 6
 # Striped locks by SOP Instance UID: two copies of one instance arriving at once must not both
 # decide "version 1" and overwrite each other's file before the unique index stops one of them.
 _LOCK_STRIPES = 64
-
-
-def retrying(fn: Callable[[], object], what: str):
-    """``fn()``, run again (up to :data:`DB_ATTEMPTS` times, with a short back-off) when the
-    database says it lost a race or timed out; shared by the store and series completion."""
-    for attempt in range(DB_ATTEMPTS):
-        try:
-            return fn()
-        except (IntegrityError, DBAPIError) as exc:
-            # IntegrityError: another thread created the same series/study/subject first; its
-            # row is there now, so the retry finds it. DBAPIError: lock time-out or a dropped
-            # connection; a retry is the right answer to both.
-            if attempt == DB_ATTEMPTS - 1:
-                raise
-            LOG.debug("%s: retry %d after %s", what, attempt + 1, type(exc).__name__)
-            time.sleep(0.005 * 2 ** attempt)
 
 
 class SiteDirectory:
@@ -110,4 +85,4 @@ class Store:
             return retrying(once, f"store {sop_instance_uid}")
 
 
-__all__ = ["DB_ATTEMPTS", "SiteDirectory", "Store", "retrying"]
+__all__ = ["SiteDirectory", "Store"]

@@ -35,10 +35,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from corelab import lifecycle
-from corelab.db import transaction
+from corelab.db import retrying, transaction
 from corelab.ingest import complete_series
 from corelab.models import Instance, Series, utcnow
-from corelab.receiver_store import Store, retrying
+from corelab.receiver_store import Store
 from corelab.settings import Settings
 
 # The node's one logger, whichever of its modules logs (operators and tests filter on this name).

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from sqlmodel import select
 
@@ -257,17 +258,29 @@ def test_a_planted_name_in_any_field_never_reaches_store_output_or_logs(lab, tmp
     assert hostile.NAME.encode() not in blob and hostile.NAME.upper().encode() not in blob
 
 
-def test_spool_files_of_a_transaction_that_does_not_commit_are_removed(lab, tmp_path):
+def test_an_object_whose_commit_fails_leaves_no_file_and_those_committed_stay(lab, tmp_path):
+    """A drop commits object by object: when the store fails from the second object on, the first
+    is kept (file and row), and the files written for the ones that never committed are removed."""
     files = {f"{i}.dcm": hostile.valid() for i in range(3)} | {"bad.dcm": hostile.cut(0.5)}
     (tmp_path / "drop").mkdir()
     for name, data in files.items():
         (tmp_path / "drop" / name).write_bytes(data)
+    commits = {"n": 0}
+
+    def store_fails_after_the_first(_session):
+        commits["n"] += 1
+        if commits["n"] > 1:
+            raise OperationalError("COMMIT", {}, Exception("database is gone"))
+
     with pytest.raises(OperationalError):
         with transaction(open_store(lab)) as session:
-            assert ingest_path(session, lab, tmp_path / "drop", site_code="S1").count("stored") == 3
-            assert len(list(lab.spool_dir.rglob("*.dcm"))) == 3
-            raise OperationalError("COMMIT", {}, Exception("database is gone"))  # the commit fails
-    assert not [p for p in lab.spool_dir.rglob("*") if p.is_file()]
+            event.listen(session, "before_commit", store_fails_after_the_first)
+            ingest_path(session, lab, tmp_path / "drop", site_code="S1")
+    assert commits["n"] > 2, "the failed object was not retried"
+    with session_scope(lab) as s:
+        rows = s.exec(select(Instance)).all()
+    assert len(rows) == 1 and rows[0].sha256 == hashlib.sha256(files["0.dcm"]).hexdigest()
+    assert [p for p in lab.spool_dir.rglob("*") if p.is_file()] == [lab.data_dir / rows[0].path]
     assert not [p for p in lab.quarantine_dir.rglob("*") if p.is_file()]
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from sqlalchemy import event
 from sqlmodel import func, select
 
@@ -18,7 +20,7 @@ from corelab.db import open_store, session_scope
 from corelab.models import Instance, QuarantineItem, Series, Site, Study
 from corelab.receiver_store import Store
 from tests import hostile_objects as hostile
-from tests.test_ingest import _lab_with_two_sites
+from tests.test_ingest import _lab_with_two_sites, _send
 
 WRITES = ("INSERT", "UPDATE", "DELETE")
 
@@ -28,8 +30,8 @@ def _site_id(settings, code: str) -> int:
         return s.exec(select(Site.id).where(Site.code == code)).one()
 
 
-def _accept_with_rival_before(settings, n: int, *, rival_site: str = "A01") -> tuple[object, object, bool]:
-    """Accept object 1 of a new series for A01 while object 2 (same study and series) is committed for
+def _accept_with_rival_before(settings, n: int, how: str, tmp_path, *, rival_site: str = "A01") -> tuple[object, object, bool]:
+    """Accept object 1 of a new series for A01 (through the node's Store, or a file drop) while object 2 (same study and series) is committed for
     ``rival_site`` before object 1's ``n``-th statement. Returns both outcomes and whether the rival
     came before object 1 wrote anything (False: ``n`` was past that point and the rival came after)."""
     first = hostile.dataset()
@@ -57,8 +59,7 @@ def _accept_with_rival_before(settings, n: int, *, rival_site: str = "A01") -> t
 
     event.listen(engine, "before_cursor_execute", before)
     try:
-        out = Store(settings, engine).accept(hostile.encode(first), sop_instance_uid=first.SOPInstanceUID,
-                                             site_id=_site_id(settings, "A01"), source="x", ordinal=1)
+        out = _send(settings, hostile.encode(first), "A01", how, tmp_path)
     finally:
         event.remove(engine, "before_cursor_execute", before)
     if seen["rival"] is None:
@@ -66,11 +67,12 @@ def _accept_with_rival_before(settings, n: int, *, rival_site: str = "A01") -> t
     return out, seen["rival"], seen["in_time"]
 
 
-def test_a_rival_writer_of_the_same_new_series_never_makes_it_a_uid_conflict(store_settings):
+@pytest.mark.parametrize("how", ["store", "drop"])
+def test_a_rival_writer_of_the_same_new_series_never_makes_it_a_uid_conflict(store_settings, how, tmp_path):
     _lab_with_two_sites(store_settings)
     forced = 0
     for n in range(40):
-        first, second, in_time = _accept_with_rival_before(store_settings, n)
+        first, second, in_time = _accept_with_rival_before(store_settings, n, how, tmp_path)
         assert (first.status, second.status) == ("stored", "stored"), (n, first.reason, second.reason)
         assert first.series_uid == second.series_uid
         forced += in_time
@@ -84,13 +86,14 @@ def test_a_rival_writer_of_the_same_new_series_never_makes_it_a_uid_conflict(sto
         assert s.exec(select(func.count()).select_from(Instance)).one() == 2 * (forced + 1)
 
 
-def test_another_sites_rival_object_is_still_refused_whichever_commits_first(store_settings):
+@pytest.mark.parametrize("how", ["store", "drop"])
+def test_another_sites_rival_object_is_still_refused_whichever_commits_first(store_settings, how, tmp_path):
     """B02 naming the same new study and series at the same moment: one site gets the series, the
     other's object is a uid_conflict, never attached to it, at every point of the interleaving."""
     _lab_with_two_sites(store_settings)
     sites = {code: _site_id(store_settings, code) for code in ("A01", "B02")}
     for n in range(40):
-        first, second, in_time = _accept_with_rival_before(store_settings, n, rival_site="B02")
+        first, second, in_time = _accept_with_rival_before(store_settings, n, how, tmp_path, rival_site="B02")
         assert sorted((first.status, second.status)) == ["quarantined", "stored"], (n, first.reason, second.reason)
         winner, loser = (first, second) if first.status == "stored" else (second, first)
         assert loser.reason_code == "uid_conflict"
