@@ -1,7 +1,8 @@
 """The demo end to end through Prefect, scored against the synthetic trial's ground truth.
 
 One run of the real demo flow (the README's demo) in a Prefect test harness; a second run must
-change nothing.
+change nothing. In the slow suite (about 2 minutes; CI runs it, and `make demo` scores the same
+ground truth on every CI run).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import func, select
 
-pytestmark = pytest.mark.prefect
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

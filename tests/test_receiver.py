@@ -88,6 +88,7 @@ def test_compressed_transfer_syntaxes_are_stored_as_received(node, settings, tmp
             assert stored.PixelData == original.PixelData  # not transcoded
 
 
+@pytest.mark.slow  # 40 s of eight dcmtk senders; CI runs it (make test-slow)
 def test_eight_concurrent_senders_lose_and_duplicate_nothing(node, settings, tmp_path):
     # Four series, each split over two senders, so two associations create the same new
     # series at once (the unique series UID and a retry keep it to one row).
