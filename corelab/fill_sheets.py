@@ -33,7 +33,7 @@ from sqlmodel import Session
 
 from corelab import audit
 from corelab.lifecycle import move
-from corelab.limits import MAX_FILL_SHEET_BYTES
+from corelab.limits import MAX_FILL_SHEET_BYTES, bounded_yaml
 from corelab.models import Series
 from corelab.series_files import series_dir
 from corelab.settings import Settings
@@ -81,12 +81,14 @@ def check_form(data: bytes, *, source: str = "fill sheet") -> tuple[str, dict]:
         raise SheetMalformed(f"{source}: not UTF-8 text (byte {exc.start}); save it as a plain-text YAML "
                              "file") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = bounded_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise SheetMalformed(f"{source}: not valid YAML{where}; write one 'key: value' per line "
                              "(see the fill sheet example in the README)") from None
+    except ValueError as exc:
+        raise SheetMalformed(f"{source}: {exc} (see the fill sheet example in the README)") from None
     if not isinstance(doc, dict):
         raise SheetMalformed(f"{source}: a fill sheet is a YAML mapping of keys (kind, sphere_kbq_ml, ..., "
                              f"reference_time, radionuclide), not a {type(doc).__name__}")
@@ -96,6 +98,10 @@ def check_form(data: bytes, *, source: str = "fill sheet") -> tuple[str, dict]:
                                   or not math.isfinite(value)):
             raise SheetMalformed(f"{source}: '{key}' is {str(value)[:40]!r}; give a number "
                                  f"({'s' if key == 'half_life_s' else 'kBq/mL'})")
+        # A half-life is positive, an activity concentration not negative (a cold insert is 0).
+        if value is not None and (value <= 0 if key == "half_life_s" else value < 0):
+            raise SheetMalformed(f"{source}: '{key}' is {value}; give a {'positive' if key == 'half_life_s' else 'non-negative'} "
+                                 f"number ({'s' if key == 'half_life_s' else 'kBq/mL'})")
     return text, doc
 
 
@@ -138,18 +144,20 @@ def attach(session: Session, settings: Settings, series: Series, data: bytes, *,
     text, doc = check_form(data, source=source)
     fill = parse(doc, source) if parse is not None else None
     path = series_dir(settings, series, session) / FILL_SHEET
-    old = path.read_bytes() if path.is_file() else None
-    if old is not None and not replace:
-        raise ReplaceRefused(f"series {uid} has its fill sheet already; replacing it is for the core lab's physicist "
-                             "(ask them, with the corrected sheet)")
     session.flush()  # this session's own changes of the row first: the UPDATE below must see them
     takes = ("pending", "done", "failed") + (("queued",) if queued_ok else ())
-    # Takes the row for this transaction (no claim or run start can pass it) and says whether the
-    # series may take a sheet now; the state itself is moved by the lifecycle.
+    # Takes the row for this transaction (no claim, run start or other sheet can pass it) and says
+    # whether the series may take a sheet now; the state itself is moved by the lifecycle.
     held = session.execute(update(Series).where(Series.id == series.id,
                                                 Series.qc_state.in_(takes))
                            .values(qc_at=Series.qc_at).execution_options(synchronize_session=False)).rowcount
     session.refresh(series, ["qc_state", "qc_at"])
+    # Read only now, with the row held: the sheet another request committed a moment ago is the one
+    # this call refuses to replace, or replaces, or (rolled back) writes back.
+    old = path.read_bytes() if path.is_file() else None
+    if old is not None and not replace:
+        raise ReplaceRefused(f"series {uid} has its fill sheet already; replacing it is for the core lab's physicist "
+                             "(ask them, with the corrected sheet)")
     if held != 1:
         raise SeriesBusy(f"series {uid}: {BUSY}")
     encoded = text.encode("utf-8")

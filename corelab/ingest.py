@@ -129,6 +129,11 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
         return hold(session, settings, data, rej, label=label, site=site, series_uid=rej.series_uid,
                     keep=keep_rejected)
     series.last_received_at = utcnow()  # stability clock of the receiver
+    # Written before the state is read: the UPDATE waits for a completion committing meanwhile
+    # (the ticker claims the row first), and the state read after it is that completion's, so a
+    # late object reopens the series it completed rather than being left out of it.
+    session.flush()
+    session.refresh(series, ["state", "completed_at"])
     existing = session.exec(select(Instance).where(Instance.sop_instance_uid == facts.sop_instance_uid)
                             .order_by(col(Instance.version).desc())).all()
     folder = series_dir(settings, series, session)
@@ -155,6 +160,7 @@ def accept_object(session: Session, settings: Settings, data: bytes, *, site: Si
     if series.state == "complete":  # a late instance reopens a completed series
         move(session, series, state="receiving", actor="ingest", reason="an object arrived after completion",
              detail={"sop_instance_uid": facts.sop_instance_uid, "version": version})
+        series.completed_at = None  # complete again when stable, whatever the two clocks said
     if facts.expected_count is not None:
         series.expected_count = facts.expected_count
     return Outcome(label, "new_version" if version > 1 else "stored", series.series_uid)
@@ -210,6 +216,16 @@ def complete_series(session: Session, series: Series, *, actor: str = "ingest") 
     session.flush()  # and read back as a number by whoever reads the series next
     series.completeness = assess([inst.slice_position_mm for inst in newest], instance_count=len(newest),
                                  expected_count=series.expected_count)
+    # Quarantined while an object of it is held, whichever writer came first: an object held
+    # while a rival created the series, or (released) none held any more.
+    held = session.exec(select(QuarantineItem.id).where(QuarantineItem.series_uid == series.series_uid,
+                                                        QuarantineItem.site_id == series.site_id,
+                                                        col(QuarantineItem.released_at).is_(None))).first()
+    if held is not None and series.state != "quarantined":
+        move(session, series, state="quarantined", actor=actor, reason="an object of the series is held in quarantine",
+             detail={"quarantine_item": held})
+    elif held is None and series.state == "quarantined":
+        move(session, series, state="receiving", actor=actor, reason="no object of the series is held any more")
     if series.state != "quarantined":
         move(session, series, state="complete", actor=actor, reason="series stable",
              detail={"instances": len(newest), "complete": series.completeness["complete"]})

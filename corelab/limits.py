@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from corelab.validate import HELD_PREFIX_BYTES, Rejected, object_label
 
 FILL_SHEET_SUFFIX = ".fill.yaml"
@@ -269,3 +271,43 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, ordinal: int, 
 
 
 __all__ = ["DropObject", "FILL_SHEET_SUFFIX", "HELD_PREFIX_BYTES", "Limits", "iter_drop"]
+
+
+# --- small YAML from outside (fill sheets) ------------------------------------------------------
+
+MAX_YAML_DEPTH = 8  # a fill sheet is one mapping of scalars; a little room for lists
+
+
+def bounded_yaml(text: str):
+    """``yaml.safe_load(text)`` for a small document from outside, without its two bombs.
+
+    Aliases are refused (``*x`` shares one node, but anything that prints or walks the value
+    expands it: a 900-byte sheet of nested aliases is gigabytes), and so is nesting deeper than
+    :data:`MAX_YAML_DEPTH` (the composer recurses). Values YAML cannot turn into Python (a date
+    like 2031-13-45, an integer of thousands of digits) are a ValueError too.
+
+    Raises
+    ------
+    ValueError
+        What is wrong and where (line, column); ``yaml.YAMLError`` for text that is not YAML.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        mark = event.start_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise ValueError(f"an anchor or alias (&name, *name) at {where}; write each value out")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_YAML_DEPTH} levels at {where}; write one 'key: value' "
+                                 "per line")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise
+    except (ValueError, OverflowError, RecursionError, TypeError) as exc:
+        raise ValueError(f"a value YAML cannot read ({type(exc).__name__}); check the dates (YYYY-MM-DD HH:MM) "
+                         "and the numbers") from None

@@ -32,8 +32,11 @@ def hold(session: Session, settings: Settings, data: bytes, rej: Rejected, *, la
     if series is not None and (site is None or series.site_id not in (None, site.id)):
         series = None  # another site's series (uid_conflict): an intruder neither holds it nor completes it
     if series is not None:
-        move(session, series, state="quarantined", actor="ingest", reason=rej.code)
         series.last_received_at = utcnow()  # the receiver's stability clock counts quarantined objects
+        session.flush()  # then the state, as a completion committing meanwhile left it (see accept_object)
+        session.refresh(series, ["state"])
+        if series.state != "quarantined":
+            move(session, series, state="quarantined", actor="ingest", reason=rej.code)
     shown_uid = series.series_uid if series is not None else None
     if not keep:
         return Outcome(label, "quarantined", shown_uid, rej.code, str(rej))

@@ -27,10 +27,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import or_
+from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
@@ -103,9 +104,14 @@ def complete_stable_series(engine: Engine, *, stable_s: float, on_complete: Call
     for series_id in ids:
         def once(series_id=series_id) -> bool:
             with transaction(engine) as session:
-                series = session.exec(select(Series).where(Series.id == series_id, stable)).first()
-                if series is None:  # another receiver got there first, or an object just arrived
+                # Claimed by a conditional UPDATE before anything is read: it holds the row (SQLite:
+                # the store) until the commit, so an object arriving meanwhile waits and then reopens
+                # the series, and none committed before is left out of the checksum read below.
+                claimed = session.execute(update(Series).where(col(Series.id) == series_id, stable)
+                                          .values(completed_at=utcnow())).rowcount
+                if not claimed:  # another receiver got there first, or an object just arrived
                     return False
+                series = session.exec(select(Series).where(Series.id == series_id)).one()
                 complete_series(session, series, actor="receiver")
                 LOG.info("series %s complete: %d instances, state %s%s", series.series_uid, series.instance_count,
                          series.state, "" if series.completeness.get("complete", True)
@@ -134,6 +140,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 STAGING_LOCK = ".lock"  # in each STOW-RS staging folder, flock'ed by the request using it
+# An unindexed spool file without a series row is removed at recovery only when older than this: any
+# writer (the node, the portal, a drop) commits an object within seconds of writing its file.
+UNATTRIBUTED_GRACE_S = 600
 
 
 def remove_stale_staging(settings: Settings) -> int:
@@ -184,8 +193,9 @@ def recover(settings: Settings, engine: Engine) -> dict:
     Returns
     -------
     dict
-        ``partial_removed``, ``reindexed``, ``unattributed_removed`` counts, and
-        ``staging_removed`` when a dead request's staging folder was removed.
+        ``partial_removed``, ``reindexed``, ``unattributed_removed`` counts, ``staging_removed``
+        when a dead request's staging folder was removed, and ``unattributed_kept`` for files
+        without a series younger than :data:`UNATTRIBUTED_GRACE_S` (left for a later recovery).
     """
     out = {"partial_removed": 0, "reindexed": 0, "unattributed_removed": 0}
     staging = remove_stale_staging(settings)
@@ -213,6 +223,12 @@ def recover(settings: Settings, engine: Engine) -> dict:
             series = session.exec(select(Series).where(Series.series_uid == path.parent.name)).first()
             site_id = series.site_id if series else None
         if site_id is None:
+            if time.time() - path.stat().st_mtime < UNATTRIBUTED_GRACE_S:
+                # Perhaps another process's (the portal's, a drop's) first object of a new series,
+                # written and not yet committed: removing it would lose an object it is about to
+                # acknowledge. A crash's leftover is removed by a later recovery.
+                out["unattributed_kept"] = out.get("unattributed_kept", 0) + 1
+                continue
             path.unlink()
             out["unattributed_removed"] += 1
             continue
@@ -223,5 +239,5 @@ def recover(settings: Settings, engine: Engine) -> dict:
     return out
 
 
-__all__ = ["STAGING_LOCK", "claim_qc", "complete_stable_series", "mark_start_failed", "recover",
+__all__ = ["STAGING_LOCK", "UNATTRIBUTED_GRACE_S", "claim_qc", "complete_stable_series", "mark_start_failed", "recover",
            "remove_stale_staging", "start_qc"]

@@ -12,6 +12,7 @@ Messages must not carry patient-identifying values; the thread is delivered to t
 
 from __future__ import annotations
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from corelab import audit
@@ -28,8 +29,18 @@ class QueryError(ValueError):
     """A query or waiver step that is not allowed; the message says why and what to do."""
 
 
+def _hold(session: Session, deviation_id: int) -> None:
+    """Hold the deviation's row to the end of the transaction (a no-op UPDATE: a row lock on
+    PostgreSQL, the write lock on SQLite), so that an answer, a resolution, a waiver or a new
+    query of it run one after the other, each reading what the one before committed."""
+    session.flush()
+    session.execute(update(Deviation).where(col(Deviation.id) == deviation_id)
+                    .values(updated_at=Deviation.updated_at).execution_options(synchronize_session=False))
+
+
 def _deviation(session: Session, deviation_id: int) -> tuple[Deviation, Series]:
-    dev = session.get(Deviation, deviation_id)
+    _hold(session, deviation_id)
+    dev = session.get(Deviation, deviation_id, populate_existing=True)
     if dev is None:
         raise QueryError(f"no deviation {deviation_id}: `corelab deviations --json` lists their ids")
     return dev, session.get(Series, dev.series_id)
@@ -39,6 +50,8 @@ def _query(session: Session, query_id: int) -> Query:
     query = session.get(Query, query_id)
     if query is None:
         raise QueryError(f"no query {query_id}: `corelab query list` lists them")
+    _hold(session, query.deviation_id)
+    session.refresh(query)  # as the holder before it left it
     return query
 
 

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corelab.db import open_store
 from corelab.settings import Settings, load_settings
+from portal.body_limit import BoundedBodies
 from portal.pages import page
 from portal.security import CSP, LoginRequired
 
@@ -85,4 +86,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return page(request, None, "error.html", status_code=422, status=422,
                     message=f"the form was not accepted ({text}); go back, correct it and send it again")
 
+    app.add_middleware(BoundedBodies)  # outermost: before any view, dependency or form parser reads a body
     return app

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 
 from corelab.limits import MAX_FILL_SHEET_BYTES
 from phantoms.fill import FillSheetError
+from portal.body_limit import MAX_FORM_BYTES
 from portal.pages import done, not_found, page
 from portal.security import Ctx, require
 from services import phantoms, site_view
@@ -24,7 +25,6 @@ from services.access import may_see
 
 router = APIRouter()
 
-MAX_FORM_BYTES = 2 * MAX_FILL_SHEET_BYTES + 64 * 1024
 """The largest form body read: a sheet one byte over its limit as a file and as text, and the rest
 of the form; anything larger is refused from its Content-Length before a byte of it is parsed."""
 

@@ -31,6 +31,7 @@ from corelab import accounts, audit
 from corelab.db import transaction
 from corelab.models import User, WebSession, utcnow
 from corelab.settings import Settings
+from portal.body_limit import streams
 from services.access import Scope, scope_of
 
 SESSION_COOKIE = "corelab_session"
@@ -143,7 +144,11 @@ def check_login_csrf(request: Request, form_token: str) -> bool:
 
 async def _csrf_ok(request: Request, expected: str) -> bool:
     sent = request.headers.get("x-csrf-token", "")
-    if not sent:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    # The form is read only where forms are posted: never a streaming route's body (STOW-RS, a zip's
+    # chunks), which the BoundedBodies guard lets through unbounded, whatever type it claims.
+    if not sent and kind in ("application/x-www-form-urlencoded", "multipart/form-data") \
+            and not streams(request.method, request.url.path):
         form = await request.form()  # Starlette caches it: the view's Form() parameters still work
         sent = str(form.get("csrf_token", ""))
     return bool(sent) and hmac.compare_digest(sent, expected)

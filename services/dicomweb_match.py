@@ -44,6 +44,7 @@ _DATE = re.compile(r"\d{8}")
 _TIME = re.compile(r"([01]\d|2[0-3])(?:([0-5]\d)(?:([0-5]\d)(?:\.(\d{1,6}))?)?)?")
 _MODALITY = re.compile(r"[A-Z0-9_]{1,16}")
 _TEXT = re.compile(r"[^\\\x00-\x1f\x7f]+")
+MAX_STARS = 4  # per value: SQL LIKE and GLOB backtrack on each *
 
 
 class DicomwebError(ValueError):
@@ -86,7 +87,7 @@ def _keyword(name: str, what: str) -> str:
     """A DICOM keyword from a keyword or an 8-hex-digit tag; 400 for anything else."""
     if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
         keyword = keyword_for_tag(int(name, 16))
-        if keyword:
+        if keyword and tag_for_keyword(keyword) == int(name, 16):  # not a repeating group's (60xx3000)
             return keyword
     elif re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}", name) and tag_for_keyword(name) is not None:
         return name
@@ -200,6 +201,10 @@ def _add_match(query: QidoQuery, key: str, value: str) -> None:
         if len(value) > longest or not _TEXT.fullmatch(value):
             raise DicomwebError(400, f"{key} must be 1-{longest} characters without backslash or control "
                                      "characters (* and ? are wildcards)")
+        value = re.sub(r"\*+", "*", value)  # ** matches what * does
+        if value.count("*") > MAX_STARS:
+            raise DicomwebError(400, f"{key} has more than {MAX_STARS} * wildcards; give fewer (each * already "
+                                     "matches any run of characters)")
         if key == "PatientID":
             query.patient_id = value
         else:
@@ -225,10 +230,26 @@ def sql_match(column, value: str, dialect: str):
 
 
 def _text_match(stored: str, wanted: str) -> bool:
+    """Whether ``stored`` matches ``wanted`` with * (any run) and ? (any one character).
+
+    Greedy with one backtrack point (the last *), so at most len(stored) x len(wanted) steps:
+    a backtracking regular expression of ".*" runs is exponential in the number of *.
+    """
     if not has_wildcard(wanted):
         return stored == wanted
-    pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in wanted)
-    return re.fullmatch(pattern, stored, flags=re.DOTALL) is not None
+    s = w = 0
+    star, mark = -1, 0
+    while s < len(stored):
+        if w < len(wanted) and wanted[w] in ("?", stored[s]) and wanted[w] != "*":
+            s, w = s + 1, w + 1
+        elif w < len(wanted) and wanted[w] == "*":
+            star, mark, w = w, s, w + 1
+        elif star >= 0:
+            mark += 1
+            s, w = mark, star + 1
+        else:
+            return False
+    return all(c == "*" for c in wanted[w:])
 
 
 def header_matches(query: QidoQuery, header: Dataset | None) -> bool:

@@ -36,13 +36,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from corelab import audit
 from corelab.archive_send import (ArchiveError, Outgoing, check_ae_title, check_credentials_transport,
                                   check_host_port, check_stow_url, send_cstore, send_stow)
 from corelab.db import session_scope
-from corelab.models import FORWARD_RULES, ArchiveDelivery, ArchiveDestination, Instance, Trial, utcnow
+from corelab.models import FORWARD_RULES, ArchiveDelivery, ArchiveDestination, Instance, Series, Trial, utcnow
 from corelab.settings import Settings
 from services import forwarding_due
 from services.forwarding_due import CLAIM_LEASE_S, REPLACEMENT_NOTE, eligible_series
@@ -226,6 +227,12 @@ def _record(session: Session, dest: ArchiveDestination, trial_code: str, outcome
             touched.add(series_id)
             replacements += bool(note)
     session.flush()
+    # Two runs recording the last instances of one series: each holds the series' row (in id order)
+    # before asking what still waits, so the second asks after the first committed and exactly one
+    # of them sees the series wholly delivered.
+    for series_id in sorted(touched):
+        session.execute(update(Series).where(col(Series.id) == series_id).values(description=Series.description)
+                        .execution_options(synchronize_session=False))
     delivered = 0
     for series_id in sorted(touched - forwarding_due.waiting_series(session, dest, touched)):
         sent, replaced = zip(*session.exec(select(ArchiveDelivery.sha256, ArchiveDelivery.last_error).where(

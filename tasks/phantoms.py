@@ -11,7 +11,6 @@ import base64
 import datetime as dt
 from pathlib import Path
 
-import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from sqlmodel import col, select
@@ -22,6 +21,7 @@ from accreditation.register import expiring_accreditations
 from corelab.db import session_scope
 from corelab.dicomio import DicomVolumeError
 from corelab.lifecycle import move, start_running
+from corelab.limits import bounded_yaml
 from corelab.models import PhantomResult, Scanner, Series
 from corelab.series_files import series_dir, series_files
 from corelab.settings import load_settings
@@ -90,7 +90,7 @@ def analyze_phantom(folder: str, fill_sheet: str, standard: str, input_sha256: s
     among them, so a re-run over unchanged data does not recompute the phantom, and changed
     images, fill values or centres do.
     """
-    fill = parse_fill_sheet(yaml.safe_load(fill_sheet) or {}, source=f"{folder}/{FILL_SHEET}")
+    fill = parse_fill_sheet(bounded_yaml(fill_sheet) or {}, source=f"{folder}/{FILL_SHEET}")
     centres_mm = parse_centres(centres, source=f"{folder}/{CENTRES_FILE}") if centres.strip() else None
     return evaluate_series_folder(Path(folder), fill, standard=standard, centres_mm=centres_mm,
                                   paths=[Path(p) for p in paths] if paths is not None else None)

@@ -179,11 +179,21 @@ def test_a_part_that_cannot_be_read_fails_alone_and_the_request_is_audited(lab, 
 def test_login_answers_quickly_while_a_slow_stow_streams_and_stale_staging_is_cleaned(tmp_path, token, lab):
     fresh = build_portal_lab(tmp_path / "fresh")
     tok = _token(fresh, "site-a")
-    for k in range(20):  # a crash's leftovers: 50,000 staged files the first STOW cleans up
-        folder = fresh.settings.stow_staging_dir / f"999999-{k:016x}"
-        folder.mkdir(parents=True)
-        for i in range(2500):
-            (folder / f"{i:06d}.part").write_bytes(b"x")
+
+    def leftovers():  # a crash's leftovers: 50,000 staged files the first STOW cleans up
+        for k in range(20):
+            folder = fresh.settings.stow_staging_dir / f"999999-{k:016x}"
+            folder.mkdir(parents=True)
+            for i in range(2500):
+                (folder / f"{i:06d}.part").write_bytes(b"x")
+
+    # What a login would wait for if the clean-up ran on the event loop, measured here, now, on
+    # this machine's load, so the bound below moves with the load instead of being a wall-clock guess.
+    leftovers()
+    started = time.perf_counter()
+    remove_stale_staging(fresh.settings)
+    cleanup_s = time.perf_counter() - started
+    leftovers()
     server, thread, url = _serve(fresh.settings)
     latencies, stop = [], threading.Event()
 
@@ -211,10 +221,11 @@ def test_login_answers_quickly_while_a_slow_stow_streams_and_stale_staging_is_cl
         stop.set()
         server.should_exit = True
         thread.join(10)
-    # With the clean-up and the part writes on the event loop, the slowest /login took 1.59 s on a quiet
-    # machine (more under load); off the loop it is tens of ms quiet, 0.95 s once with other servers
-    # and flows loading both cores. The bound sits between the two.
-    assert len(latencies) > 10 and max(latencies) < 1.25, f"slowest /login {max(latencies):.2f} s"
+    # With the clean-up and the part writes on the event loop, the slowest /login waited for the whole
+    # clean-up and more (1.59 s against a 1.4 s clean-up, quiet); off the loop 0.11 s against a 0.8 s
+    # clean-up with tests running alongside, and about 1 s under heavy load, when the clean-up slows too.
+    assert len(latencies) > 10 and max(latencies) < max(0.9 * cleanup_s, 0.5), \
+        f"slowest /login {max(latencies):.2f} s, the clean-up alone {cleanup_s:.2f} s"
     assert not any(fresh.settings.stow_staging_dir.iterdir())
 
 

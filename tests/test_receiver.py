@@ -21,7 +21,7 @@ from corelab.inbox import inbox_dir, scan_inbox
 from corelab.models import Instance, QuarantineItem, Series
 from corelab.receiver import Receiver, ReceiverConfig
 from corelab.register import add_site
-from corelab.series_completion import claim_qc, complete_stable_series, recover
+from corelab.series_completion import UNATTRIBUTED_GRACE_S, claim_qc, complete_stable_series, recover
 from tests.receiver_helpers import (DCMTK_ENV, STORESCU, assert_store_exact, echoscu, instance_count, qc_claims,
                                     series_by_uid, small_series, start_tls_node, storescu, wait_for)
 
@@ -208,8 +208,15 @@ def test_recovery_removes_half_written_files_and_indexes_written_ones(settings, 
     shutil.copy(files[1], folder / f"{orphan_uid}.dcm")
     (folder / ".x.dcm.999999.partial").write_bytes(b"half")
     (settings.spool_dir / "9.9" / "9.9.9").mkdir(parents=True)
-    shutil.copy(files[2], settings.spool_dir / "9.9" / "9.9.9" / "y.dcm")
-    assert recover(settings, engine) == {"partial_removed": 1, "reindexed": 1, "unattributed_removed": 1}
+    stray = settings.spool_dir / "9.9" / "9.9.9" / "y.dcm"
+    shutil.copy(files[2], stray)
+    # A fresh one may be another process's uncommitted first object of a new series: kept.
+    assert recover(settings, engine) == {"partial_removed": 1, "reindexed": 1, "unattributed_removed": 0,
+                                         "unattributed_kept": 1}
+    old = time.time() - UNATTRIBUTED_GRACE_S - 1
+    os.utime(stray, (old, old))
+    assert recover(settings, engine) == {"partial_removed": 0, "reindexed": 0, "unattributed_removed": 1}
+    assert not stray.exists()
     with session_scope(settings) as session:
         assert_store_exact(session, settings.data_dir, _uids(files[:2]))
     assert recover(settings, engine) == {"partial_removed": 0, "reindexed": 0, "unattributed_removed": 0}
