@@ -295,3 +295,27 @@ def test_another_sites_object_naming_a01s_series_leaves_that_series_as_it_was(se
     out = _send(settings, intruder, "B02", how, tmp_path)
     assert (out.status, out.reason_code) == ("quarantined", "uid_conflict")
     assert _state_of(settings, first.SeriesInstanceUID) == before
+
+
+def test_a_series_whose_held_objects_are_all_released_completes_and_may_start_qc(settings, tmp_path):
+    """A series is quarantined while an object of it is held; when the last one is released (its
+    cause fixed), completion takes it back to receiving and complete, with QC pending for its start."""
+    from corelab.quarantine import hold
+    from corelab.validate import Rejected
+    from services.intake import release_quarantine_item
+    _lab_with_two_sites(settings)
+    first = hostile.dataset()
+    assert _send(settings, hostile.encode(first), "A01", "store", tmp_path).status == "stored"
+    second = hostile.encode(hostile.dataset(study=first.StudyInstanceUID, series=first.SeriesInstanceUID))
+    with session_scope(settings) as session:  # held for a cause the core lab has since fixed
+        site = session.exec(select(Site).where(Site.code == "A01")).one()
+        rej = Rejected("deid_failed", "object #2: a cause since fixed")
+        hold(session, settings, second, rej, label="object #2", site=site, series_uid=first.SeriesInstanceUID,
+             keep=True)
+    assert _state_of(settings, first.SeriesInstanceUID)[0] == "quarantined"
+    with session_scope(settings) as session:
+        item = session.exec(select(QuarantineItem)).one()
+        assert release_quarantine_item(session, settings, item.id, actor="phys").status == "stored"
+    with session_scope(settings) as session:
+        series = session.exec(select(Series).where(Series.series_uid == first.SeriesInstanceUID)).one()
+        assert (series.state, series.qc_state, series.instance_count) == ("complete", "pending", 2)
