@@ -48,7 +48,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         if _HUGE_NUMBER.search(request.url.path) or _HUGE_NUMBER.search(request.url.query):
-            response = page(request, None, "error.html", status_code=404, status=404, message="no such page")
+            response = (JSONResponse({"detail": "no such resource: a number of 19 digits or more is no id, offset "
+                                                "or limit corelab has"}, status_code=404) if _wants_json(request)
+                        else page(request, None, "error.html", status_code=404, status=404, message="no such page"))
         else:
             response = await call_next(request)
         response.headers.setdefault("Content-Security-Policy", CSP)

@@ -157,3 +157,11 @@ def test_searches_with_many_wildcards_or_repeating_group_tags_get_400():
         with pytest.raises(DicomwebError) as caught:
             parse_query([("includefield", tag)], "study")
         assert caught.value.status == 400
+
+
+def test_dicomweb_clients_get_json_for_numbers_too_long_to_be_ids(lab):
+    client = client_for(create_app(lab.settings), None)
+    for url in ("/dicomweb/studies/1234567890123456789012", "/dicomweb/studies?offset=0000000000000000001"):
+        response = client.get(url, headers={"Accept": "application/dicom+json"})
+        assert response.status_code == 404 and response.headers["content-type"].startswith("application/json")
+        assert "19 digits" in response.json()["detail"]
