@@ -9,62 +9,39 @@ decide, which :mod:`tests.test_receiver` exercises under real concurrency).
 
 from __future__ import annotations
 
-import threading
 
 import pytest
-
-from sqlalchemy import event
 from sqlmodel import func, select
 
 from corelab.db import open_store, session_scope
 from corelab.models import Instance, QuarantineItem, Series, Site, Study
 from corelab.receiver_store import Store
 from tests import hostile_objects as hostile
+from tests.interleave import Interleave
 from tests.test_ingest import _lab_with_two_sites, _send
-
-WRITES = ("INSERT", "UPDATE", "DELETE")
-
 
 def _site_id(settings, code: str) -> int:
     with session_scope(settings) as s:
         return s.exec(select(Site.id).where(Site.code == code)).one()
 
 
-def _accept_with_rival_before(settings, n: int, how: str, tmp_path, *, rival_site: str = "A01") -> tuple[object, object, bool]:
-    """Accept object 1 of a new series for A01 (through the node's Store, or a file drop) while object 2 (same study and series) is committed for
-    ``rival_site`` before object 1's ``n``-th statement. Returns both outcomes and whether the rival
-    came before object 1 wrote anything (False: ``n`` was past that point and the rival came after)."""
+def _accept_with_rival_before(settings, n: int, how: str, tmp_path, *,
+                              rival_site: str = "A01") -> tuple[object, object, bool]:
+    """Accept object 1 of a new series for A01 (through the node's Store, or a file drop) while
+    object 2 (same study and series) is committed for ``rival_site`` before object 1's ``n``-th
+    statement. Returns both outcomes and whether the rival came before object 1 wrote anything
+    (False: ``n`` was past that point and the rival came after)."""
     first = hostile.dataset()
     second = hostile.dataset(study=first.StudyInstanceUID, series=first.SeriesInstanceUID)
     engine = open_store(settings)
-    writer = threading.get_ident()
-    seen = {"statements": 0, "wrote": False, "rival": None, "in_time": False}
 
     def rival():
-        seen["rival"] = Store(settings, engine).accept(hostile.encode(second), sop_instance_uid=second.SOPInstanceUID,
-                                                       site_id=_site_id(settings, rival_site), source="x", ordinal=2)
+        return Store(settings, engine).accept(hostile.encode(second), sop_instance_uid=second.SOPInstanceUID,
+                                              site_id=_site_id(settings, rival_site), source="x", ordinal=2)
 
-    def before(conn, cursor, statement, params, context, executemany):
-        if threading.get_ident() != writer or seen["rival"] is not None or seen["wrote"]:
-            return
-        if statement.lstrip().upper().startswith(WRITES):
-            seen["wrote"] = True
-            return
-        if seen["statements"] == n:
-            thread = threading.Thread(target=rival)
-            thread.start()
-            thread.join(30)
-            seen["in_time"] = True
-        seen["statements"] += 1
-
-    event.listen(engine, "before_cursor_execute", before)
-    try:
+    with Interleave(engine, n, rival) as forced:
         out = _send(settings, hostile.encode(first), "A01", how, tmp_path)
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
-    if seen["rival"] is None:
-        rival()
-    return out, seen["rival"], seen["in_time"]
+    return out, forced.result if forced.in_time else rival(), forced.in_time
 
 
 @pytest.mark.parametrize("how", ["store", "drop"])
