@@ -9,7 +9,6 @@ decide, which :mod:`tests.test_receiver` exercises under real concurrency).
 
 from __future__ import annotations
 
-
 import pytest
 from sqlmodel import func, select
 
