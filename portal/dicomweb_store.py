@@ -61,6 +61,7 @@ LOG = logging.getLogger("corelab.receiver")
 ANSWERS = ("application/dicom+json", "application/json")
 FLUSH_BYTES = 1 << 20       # body bytes parsed and written per worker-thread call
 DRAIN_BYTES = 4 << 20       # read at most this much more of a refused body before answering
+BODY_IDLE_S = 60.0          # a body that stops arriving for this long is refused (408) and its staging freed
 
 
 async def _store(request: Request) -> Store:
@@ -141,8 +142,19 @@ def _stage_batch(stager: MultipartStager, staging: Staging, batch: bytearray) ->
 async def _stage(request: Request, stager: MultipartStager, staging: Staging) -> list:
     """Read the whole body into the staging folder; the parts, or :class:`StowError`."""
     batch = bytearray()
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                # A client that stops sending must not keep its reservation of the staging budget
+                # (every site's) for as long as it keeps the connection open.
+                with anyio.fail_after(BODY_IDLE_S):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise StowError(408, f"no byte of the body came for {BODY_IDLE_S:g} s: nothing was stored; send the "
+                                     "whole request again", {"Connection": "close"}) from None
             if staging.declared is None:
                 staging.grow(len(chunk))
             batch += chunk
@@ -227,7 +239,8 @@ async def _receive(request: Request, ctx: Ctx, study: str | None, site: str | No
         status = exc.status
         LOG.warning("STOW-RS for site %s by %s: refused (%d) after %d bytes, %d parts staged: nothing stored",
                     site_code, actor, exc.status, stager.received if stager else 0, len(stager.parts) if stager else 0)
-        await _drain(request)
+        with anyio.move_on_after(BODY_IDLE_S):  # a client that stopped sending is not waited for again
+            await _drain(request)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status,
                             headers={**exc.headers, "Connection": "close"})
     finally:

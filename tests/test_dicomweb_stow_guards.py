@@ -23,6 +23,7 @@ from corelab.db import session_scope
 from corelab.models import ApiToken
 from corelab.series_completion import remove_stale_staging
 from corelab.settings import SettingsError, load_settings
+from portal import dicomweb_store
 from services import accounts
 from tests.portal_helpers import build_portal_lab, served_portal
 from tests.stow_helpers import (BOUNDARY, MULTIPART, _body, _datasets, _encode, _failed, _post, _reason_codes,
@@ -65,6 +66,20 @@ def _read_status(sock: socket.socket) -> bytes:
 
 
 # --- 1. floods ----------------------------------------------------------------------------------------
+
+def test_a_body_that_stops_arriving_is_refused_and_frees_its_staging(lab, served, token, monkeypatch):
+    """A token's request declaring 100 MB, then silence: 408 once the body is idle for BODY_IDLE_S,
+    its staging and its reservation of every site's budget freed; the next request is served."""
+    monkeypatch.setattr(dicomweb_store, "BODY_IDLE_S", 1.0)
+    before = _state(lab)
+    address, head = _raw_headers(served, token, 100_000_000)
+    with socket.create_connection(address) as sock:
+        sock.sendall(head + f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + b"x" * 200)
+        status = _read_status(sock)
+    assert status.startswith(b"HTTP/1.1 408 ")
+    assert _state(lab) == before  # nothing stored, held or left in staging
+    assert _post(served, token, _body([_encode(ds) for ds in _datasets(lab, 1)])).status_code == 200
+
 
 def test_thousands_of_tiny_parts_are_refused_quickly_and_nothing_is_quarantined(lab, served, token):
     before = _state(lab)
