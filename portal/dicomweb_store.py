@@ -187,21 +187,38 @@ async def _drain(request: Request) -> None:
         return
 
 
-async def _receive(request: Request, ctx: Ctx, study: str | None, site: str | None):
+def _checked_request(request: Request, ctx: Ctx, study: str | None, site: str | None):
+    """The checks before a byte of the body is read: ``(site id, site code, answer type, boundary,
+    declared length)``, or :class:`HTTPException`."""
     if ctx.via == "session" and not request.headers.get("x-csrf-token"):
         # require() took the token from somewhere: a STOW from a browser must send the header
         raise HTTPException(403, "a STOW-RS request from a portal session must carry the X-CSRF-Token header")
     if study is not None and not is_valid_uid(study):
         raise HTTPException(400, "the study in the URL is not a DICOM UID (digits and dots, at most 64 "
                                  "characters): send to /dicomweb/studies/<StudyInstanceUID>")
-    site_id, site_code = await run_in_threadpool(_site, ctx, site)
+    site_id, site_code = _site(ctx, site)
     media = _answer_type(request.headers.get("accept"))
-    settings = ctx.settings
     try:
         boundary = boundary_of(request.headers.get("content-type"))
     except StowError as exc:
         raise HTTPException(exc.status, str(exc)) from None
-    declared = _content_length(request, settings.dicomweb_max_request_bytes)
+    return site_id, site_code, media, boundary, _content_length(request, ctx.settings.dicomweb_max_request_bytes)
+
+
+def _audit_refused(ctx: Ctx, site: str | None, status: int) -> None:
+    with ctx.db() as session:
+        stow.record_request(session, actor=ctx.scope.user, site_code=site or "", outcome="refused", results=[],
+                            http_status=status, received_bytes=0)
+
+
+async def _receive(request: Request, ctx: Ctx, study: str | None, site: str | None):
+    try:
+        site_id, site_code, media, boundary, declared = await run_in_threadpool(
+            _checked_request, request, ctx, study, site)
+    except HTTPException as exc:  # refused before the body: audited all the same, once
+        await run_in_threadpool(_audit_refused, ctx, site, exc.status_code)
+        raise
+    settings = ctx.settings
     store = await _store(request)
     actor, staging, stager = ctx.scope.user, None, None
     results: list[stow.PartResult] = []

@@ -67,6 +67,26 @@ def _read_status(sock: socket.socket) -> bytes:
 
 # --- 1. floods ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("how, status", [("content_type", 415), ("accept", 406), ("study", 400), ("site", 404),
+                                         ("length", 413)])
+def test_a_request_refused_before_its_body_is_audited_once(lab, served, token, how, status):
+    before = len(_stow_events(lab))
+    kw = {"content_type": {"content_type": "application/dicom"}, "accept": {"headers": {"Accept": "text/xml"}},
+          "study": {"path": "/dicomweb/studies/01.2"}, "site": {"path": "/dicomweb/studies?site=B02"},
+          "length": {"headers": {"Content-Length": str(1 << 40)}}}[how]
+    response = _post(served, token, b"x" * 10, **kw) if how != "length" else None
+    if how == "length":
+        address, head = _raw_headers(served, token, 1 << 40)
+        with socket.create_connection(address) as sock:
+            sock.sendall(head)
+            assert _read_status(sock).startswith(f"HTTP/1.1 {status} ".encode())
+    else:
+        assert response.status_code == status, response.text
+    events = _stow_events(lab)[before:]
+    assert len(events) == 1 and events[0].actor == "site-a"
+    assert (events[0].detail["outcome"], events[0].detail["http_status"]) == ("refused", status)
+
+
 def test_a_body_that_stops_arriving_is_refused_and_frees_its_staging(lab, served, token, monkeypatch):
     """A token's request declaring 100 MB, then silence: 408 once the body is idle for BODY_IDLE_S,
     its staging and its reservation of every site's budget freed; the next request is served."""
