@@ -49,6 +49,8 @@ CHUNK_BYTES = 8 * 2**20
 """Chunk size the page uses: a lost chunk costs at most 8 MiB of resending."""
 MAX_OPEN_UPLOADS = 8
 """Unfinished uploads one site may hold at once (each reserves disk until finished or swept)."""
+MAX_SITE_RESERVED_BYTES = 2 * MAX_ZIP_BYTES
+"""Bytes one site's unfinished uploads may still have to send, all together (the disk is shared)."""
 STALE_AFTER_S = 24 * 3600.0
 """An upload with no chunk for this long is removed (with its bytes) by the next create's sweep."""
 DISK_MARGIN_BYTES = 1 * 2**30
@@ -262,13 +264,19 @@ def create_upload(settings: Settings, site: str, *, name: str, total: int, user:
                                "split the study into several zips, or send it as files (STOW-RS)")
     sweep_stale(settings)
     folder = _site_dir(settings, site)
-    open_ids = {f.name.split(".", 1)[0] for f in folder.glob("*.json") if not f.name.endswith(".done.json")}
-    open_ids -= {f.name.split(".", 1)[0] for f in folder.glob("*.done.json")}
-    if len(open_ids) >= MAX_OPEN_UPLOADS:
-        raise UploadError(429, f"site {site} has {len(open_ids)} unfinished uploads, the most allowed at once is "
-                               f"{MAX_OPEN_UPLOADS}: finish or resume those first (unused ones are removed after a "
-                               "day)")
-    with _creating(settings):
+    with _creating(settings):  # counted under the lock: two creates cannot both take the last place
+        open_ids = {f.name.split(".", 1)[0] for f in folder.glob("*.json") if not f.name.endswith(".done.json")}
+        open_ids -= {f.name.split(".", 1)[0] for f in folder.glob("*.done.json")}
+        if len(open_ids) >= MAX_OPEN_UPLOADS:
+            raise UploadError(429, f"site {site} has {len(open_ids)} unfinished uploads, the most allowed at once is "
+                                   f"{MAX_OPEN_UPLOADS}: finish or resume those first (unused ones are removed after "
+                                   "a day)")
+        own = sum(max(total_ - held, 0) for code, _id, total_, held in _open_uploads(settings) if code == site)
+        if own + total > MAX_SITE_RESERVED_BYTES:
+            # One site must not take the disk space every site's uploads share by announcing zips it never sends.
+            raise UploadError(429, f"site {site}'s unfinished uploads still have {own} bytes to send; with this zip "
+                                   f"of {total} bytes that is over {MAX_SITE_RESERVED_BYTES} bytes per site: finish or "
+                                   "resume those first (unused ones are removed after a day)")
         free = shutil.disk_usage(folder).free
         if free < reserved_bytes(settings) + total + DISK_MARGIN_BYTES:
             # (other sites' uploads are not described: a site learns nothing of another's)

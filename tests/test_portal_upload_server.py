@@ -75,6 +75,23 @@ def test_create_counts_the_bytes_every_open_upload_of_every_site_still_needs(lab
     uploads.sweep_stale(lab.settings)
 
 
+def test_one_site_cannot_reserve_the_space_every_sites_uploads_share(lab, clients, monkeypatch):
+    """A site's announced-but-unsent bytes are capped (MAX_SITE_RESERVED_BYTES): a third zip of A01
+    is refused with 429 while B02 may still announce one."""
+    monkeypatch.setattr(uploads, "MAX_SITE_RESERVED_BYTES", 5000)
+    made = [_create(clients["site-a"], 2000) for _ in range(2)]
+    assert [r.status_code for r in made] == [201, 201]
+    third = _create(clients["site-a"], 2000)
+    assert third.status_code == 429 and "bytes per site" in third.json()["detail"]
+    other = _create(clients["site-b"], 2000)
+    assert other.status_code == 201, other.text
+    day_ago = time.time() - uploads.STALE_AFTER_S - 60
+    for response in [*made, other]:
+        for path in uploads.uploads_dir(lab.settings).glob(f"*/{response.json()['upload']}.*"):
+            os.utime(path, (day_ago, day_ago))
+    uploads.sweep_stale(lab.settings)
+
+
 def test_a_chunk_is_refused_with_507_when_the_disk_has_filled_since_the_create(lab, clients, monkeypatch):
     client = clients["site-a"]
     data = os.urandom(1000)
