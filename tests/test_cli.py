@@ -20,16 +20,21 @@ def _commands(parser, prefix=()):
                 yield from _commands(sub, (*prefix, name))
 
 
-@pytest.fixture
-def cli(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CORELAB_DATA_DIR", str(tmp_path / "data"))
-
+def cli_runner(capsys):
+    """``run(*argv, expect=0)``: the corelab command in this process; ``(output, stderr)``, the
+    output parsed when ``--json`` is given; asserts the exit code."""
     def run(*argv, expect=0):
         code = main(list(argv))
         out, err = capsys.readouterr()
         assert code == expect, (argv, out, err)
         return json.loads(out) if "--json" in argv else out, err
     return run
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CORELAB_DATA_DIR", str(tmp_path / "data"))
+    return cli_runner(capsys)
 
 
 def test_every_command_has_help(capsys):

@@ -24,6 +24,7 @@ from corelab.db import session_scope
 from corelab.models import Deviation, QuarantineItem, Query, Series, Site, Study, Subject, Trial, Visit
 from flows.cli import main
 from tests.lab_helpers import build_lab
+from tests.test_cli import cli_runner
 from tests.synth_fixtures import tree_digest
 
 CORELAB = Path(sys.executable).with_name("corelab")
@@ -72,13 +73,7 @@ def lab(tmp_path_factory):
 def cli(lab, monkeypatch, capsys):
     monkeypatch.setenv("CORELAB_DATA_DIR", str(lab[0].data_dir))
     capsys.readouterr()
-
-    def run(*argv, expect=0):
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        assert code == expect, (argv, out, err)
-        return json.loads(out) if "--json" in argv else out, err
-    return run
+    return cli_runner(capsys)
 
 
 def _store_series(settings) -> dict[str, dict]:
