@@ -4,20 +4,19 @@ One route, ``POST /series/{id}/fill-sheet`` (pasted text or a file, CSRF-checked
 same use case as ``corelab phantom fill`` (:func:`services.phantoms.attach_fill_sheet`). Another
 site's series answers 404, as one that does not exist. A site gives the sheet while its series
 awaits one; replacing a sheet is the physicist's (403 for a site). A series being analysed
-answers 409; a body over :data:`MAX_FORM_BYTES` is refused (413) from its Content-Length, before
-it is parsed. The form itself is on the series page (``series.html``); a refused sheet is shown
+answers 409; a body over :data:`portal.body_limit.MAX_FORM_BYTES` is refused (413) from its
+Content-Length before it is parsed, by the portal's body guard. The form itself is on the series page (``series.html``); a refused sheet is shown
 there again with the reason.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from corelab.limits import MAX_FILL_SHEET_BYTES
 from phantoms.fill import FillSheetError
-from portal.body_limit import MAX_FORM_BYTES
 from portal.pages import done, not_found, page
 from portal.security import Ctx, require
 from services import phantoms, site_view
@@ -25,29 +24,11 @@ from services.access import may_see
 
 router = APIRouter()
 
-"""The largest form body read: a sheet one byte over its limit as a file and as text, and the rest
-of the form; anything larger is refused from its Content-Length before a byte of it is parsed."""
-
 _NEXT = {
     "queued": "It is queued for accreditation: the next accredit-scanners run analyses it.",
     "pending": "Its accreditation starts when the DICOM node next looks for completed series, or at the next "
                "accredit-scanners run.",
 }
-
-
-def _bounded_body(request: Request) -> None:
-    """Refuse a body over :data:`MAX_FORM_BYTES` (413) or of unknown length (411) before anyone
-    parses it: declared before the login check, which reads the form for its CSRF token."""
-    raw = request.headers.get("content-length")
-    if raw is None:
-        raise HTTPException(411, "the fill-sheet form needs a Content-Length header (a browser sends one): "
-                                 "nothing was changed", headers={"Connection": "close"})
-    if not raw.isdigit():
-        raise HTTPException(400, "the Content-Length header is not a number: nothing was changed")
-    if int(raw) > MAX_FORM_BYTES:
-        raise HTTPException(413, f"the form's {int(raw)} bytes are over the limit of {MAX_FORM_BYTES} bytes: a fill "
-                                 f"sheet is at most {MAX_FILL_SHEET_BYTES} bytes of YAML (a few hundred, as a rule); "
-                                 "nothing was changed, send the fill sheet itself", headers={"Connection": "close"})
 
 
 def _attach(ctx: Ctx, series_id: int, data: bytes) -> tuple[dict | None, str, int, dict | None]:
@@ -72,8 +53,7 @@ def _attach(ctx: Ctx, series_id: int, data: bytes) -> tuple[dict | None, str, in
 
 
 @router.post("/series/{series_id}/fill-sheet")
-async def fill_sheet(request: Request, series_id: int, _bounded: None = Depends(_bounded_body),
-                     ctx: Ctx = Depends(require("physicist", "site"))):
+async def fill_sheet(request: Request, series_id: int, ctx: Ctx = Depends(require("physicist", "site"))):
     """Attach the fill sheet given in the form (the file when one is chosen, else the text)."""
     form = await request.form(max_files=1, max_fields=4, max_part_size=MAX_FILL_SHEET_BYTES + 1)
     file, text = form.get("file"), form.get("text")

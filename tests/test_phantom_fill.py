@@ -501,7 +501,7 @@ def test_the_default_accreditation_leaves_out_series_that_failed_awaiting_their_
 
 def test_the_portal_refuses_a_form_over_its_limit_before_reading_it(settings, drop, monkeypatch, tmp_path):
     from portal.app import create_app
-    from portal.phantom_views import MAX_FORM_BYTES
+    from portal.body_limit import MAX_FORM_BYTES
     from services import accounts
     from tests.portal_helpers import PASSWORD, client_for, csrf_of
 
